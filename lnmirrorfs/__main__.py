@@ -1,0 +1,5 @@
+import sys
+
+from .cli import lnmirror_main
+
+sys.exit(lnmirror_main())

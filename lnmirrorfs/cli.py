@@ -1,0 +1,455 @@
+"""Command line: `lnmirror init|key|status|restore` and `mount_lnmirror`.
+
+Only arguments, key files, daemonizing and logging live here.  Every failure an operator
+can cause ends in one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import stat
+import sys
+import time
+
+import trio
+
+from . import codec, control, format
+from .replica import Replica, ReplicaError
+from .restore import RestoreError, restore_tree
+from .tree import Tree
+from .volume import Options, Volume, VolumeError, default_quorum
+
+log = logging.getLogger("lnmirrorfs")
+DEFAULT_BLOCK_SIZE = 4096
+
+
+class CliError(Exception):
+    """Reported as `lnmirror: <message>` with exit code 2 (or the code given)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- keys
+
+def key_dir() -> str:
+    return os.environ.get("LNMIRROR_KEYDIR", "/etc/lnmirrorfs")
+
+
+def default_key_path(volume_id: bytes) -> str:
+    return os.path.join(key_dir(), f"{volume_id.hex()}.key")
+
+
+def read_key_file(path: str) -> bytes:
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise CliError(f"key file {path} is accessible to group or others "
+                           f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 400 {path}")
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise CliError(f"key file {path} does not exist (give --key-file)") from None
+    except OSError as exc:
+        raise CliError(f"cannot read key file {path}: {exc.strerror}") from None
+    try:
+        return codec.decode_paper_key(text)
+    except codec.PaperKeyError as exc:
+        raise CliError(f"key file {path}: {exc}") from None
+
+
+def write_key_file(path: str, master: bytes) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+    except FileExistsError:
+        raise CliError(f"key file {path} already exists; refusing to overwrite a key") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(codec.encode_paper_key(master) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def resolve_key(replicas: list[str], key_file: str | None) -> bytes:
+    """Read the key named on the command line, or the default one for the volume."""
+    if key_file:
+        return read_key_file(key_file)
+    for path in replicas:
+        try:
+            return read_key_file(default_key_path(Replica.open(path).header.volume_id))
+        except ReplicaError:
+            continue
+    raise CliError("no readable replica to find the volume's key file; give --key-file")
+
+
+# ---------------------------------------------------------------- lnmirror init
+
+def cmd_init(args: argparse.Namespace) -> int:
+    n = len(args.replica)
+    if n < 2 and not args.force:
+        raise CliError("a single replica is no mirror; give at least two --replica (or --force)")
+    k = args.k
+    if not 1 <= k <= n:
+        raise CliError(f"-k {k} must be between 1 and the number of replicas ({n})")
+    if n > 255:
+        raise CliError("at most 255 replicas")
+    if args.block_size < 512 or args.block_size & (args.block_size - 1):
+        raise CliError("--block-size must be a power of two of at least 512")
+    if len(set(map(os.path.realpath, args.replica))) != n:
+        raise CliError("the same replica directory is given twice")
+    for path in args.replica:
+        _check_new_replica_dir(path)
+    volume_id = os.urandom(16)
+    master = codec.new_master_key()
+    keys = codec.Keys.derive(master)
+    key_path = args.key_file or default_key_path(volume_id)
+    if os.path.exists(key_path):
+        raise CliError(f"key file {key_path} already exists; refusing to overwrite a key")
+    tree = Tree.new(args.block_size, os.getuid(), os.getgid(), time.time_ns())
+    write_key_file(key_path, master)
+    for index, path in enumerate(args.replica):
+        header = format.Header(volume_id, k, n, index, args.block_size,
+                               codec.key_check(keys, volume_id))
+        Replica.create(path, header, keys, tree).close()
+    print(f"created volume {volume_id.hex()}: k={k} n={n} write quorum "
+          f"{default_quorum(k, n)}, block size {args.block_size}")
+    for index, path in enumerate(args.replica):
+        print(f"  replica {index}: {path}")
+    print(f"key file: {key_path} (mode 0400)")
+    print("paper key, write it down and keep it apart from the replicas "
+          "(without it nothing can be restored):")
+    print(f"  {codec.encode_paper_key(master)}")
+    return 0
+
+
+def _check_new_replica_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CliError(f"{path}: replica directory does not exist (create it first)")
+    if os.path.exists(os.path.join(path, format.HEADER_NAME)):
+        raise CliError(f"{path}: already belongs to an lnmirrorfs volume")
+    if os.listdir(path):
+        raise CliError(f"{path}: directory is not empty")
+    if not os.access(path, os.W_OK):
+        raise CliError(f"{path}: directory is not writable")
+
+
+# ---------------------------------------------------------------- lnmirror key
+
+def cmd_key(args: argparse.Namespace) -> int:
+    try:
+        header = Replica.open(args.replica).header
+    except ReplicaError as exc:
+        raise CliError(str(exc)) from None
+    if args.key_file:
+        master = read_key_file(args.key_file)
+    else:
+        if sys.stdin.isatty():
+            print("paper key: ", end="", file=sys.stderr, flush=True)
+        try:
+            master = codec.decode_paper_key(sys.stdin.readline())
+        except codec.PaperKeyError as exc:
+            raise CliError(str(exc), 1) from None
+    if codec.key_check(codec.Keys.derive(master), header.volume_id) != header.key_check:
+        raise CliError(f"the key is well-formed but not the key of volume {header.volume_hex}", 1)
+    print(f"key OK for volume {header.volume_hex}")
+    return 0
+
+
+# ---------------------------------------------------------------- opening volumes
+
+def volume_options(args: argparse.Namespace) -> Options:
+    return Options(quorum=getattr(args, "quorum", None), deadline=getattr(args, "deadline", 10.0))
+
+
+def open_volume(replicas: list[str], key_file: str | None, options: Options,
+                writable: bool = True) -> Volume:
+    master = resolve_key(replicas, key_file)
+    try:
+        return Volume.open(replicas, master, options, writable=writable)
+    except VolumeError as exc:
+        raise CliError(str(exc)) from None
+
+
+# ---------------------------------------------------------------- lnmirror status
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.mountpoint:
+        try:
+            status = control.request(control.socket_path(args.mountpoint), {"cmd": "status"})
+        except OSError:
+            raise CliError(f"no lnmirrorfs mount is serving {args.mountpoint}") from None
+        status["mounted"] = args.mountpoint
+    elif args.replica:
+        volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
+        try:
+            status = volume.status()
+        finally:
+            volume.close()
+    else:
+        raise CliError("give a MOUNTPOINT or --replica directories")
+    healthy = status.get("state") == "ONLINE" and all(
+        r["state"] == "ONLINE" for r in status.get("replicas", []))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0 if healthy else 1
+
+
+def format_status(s: dict) -> str:
+    if "error" in s:
+        return f"error: {s['error']}"
+    lines = [f"volume {s['volume']}  k={s['k']} n={s['n']} quorum={s['quorum']}",
+             f"  state: {s['state']}" + (f" ({s['reason']})" if s["reason"] else ""),
+             f"  record: {s['record']}   bad shares seen: {s['bad_shares']}",
+             "",
+             f"  {'SHARE':<6}{'STATE':<9}{'FREE':>9}  {'READ':>5}{'WRITE':>6}{'CKSUM':>6}  PATH"]
+    for r in s["replicas"]:
+        free = "-" if r["free_bytes"] is None else _human(r["free_bytes"])
+        e = r["errors"]
+        share = "-" if r["index"] is None else str(r["index"])
+        lines.append(f"  {share:<6}{r['state']:<9}{free:>9}  {e['read']:>5}{e['write']:>6}"
+                     f"{e['checksum']:>6}  {r['path']}" + (f"  ({r['reason']})" if r["reason"] else ""))
+    for index, why in s.get("blamed", {}).items():
+        lines.append(f"  share {index} is blamed by the others: {why} (heal with lnmirror scrub)")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------- lnmirror restore
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
+    try:
+        counts = trio.run(restore_tree, volume, args.target, sys.stderr.isatty())
+    except RestoreError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"restore failed: {exc.strerror or exc}") from None
+    finally:
+        volume.close()
+    print(f"restored record {volume.tree.seq} to {args.target}: {counts['files']} files, "
+          f"{counts['dirs']} directories, {counts['links']} extra hard links, "
+          f"{counts['bytes']} bytes, all blocks verified")
+    return 0
+
+
+# ---------------------------------------------------------------- lnmirror main
+
+def lnmirror_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnmirror", description="lnmirrorfs volume management")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create a volume on empty replica directories")
+    init.add_argument("--replica", action="append", required=True, metavar="DIR")
+    init.add_argument("-k", type=int, default=1, help="shares needed to decode (default 1)")
+    init.add_argument("--key-file", metavar="PATH",
+                      help="where to write the key (default /etc/lnmirrorfs/VOLUME.key)")
+    init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    init.add_argument("--force", action="store_true", help="allow a single replica")
+    init.set_defaults(func=cmd_init)
+
+    key = sub.add_parser("key", help="check a typed-in paper key (stdin) or a key file")
+    key.add_argument("--check", action="store_true", required=True)
+    key.add_argument("--replica", required=True, metavar="DIR")
+    key.add_argument("--key-file", metavar="PATH")
+    key.set_defaults(func=cmd_key)
+
+    status = sub.add_parser("status", help="health of a mount or of replica directories")
+    status.add_argument("mountpoint", nargs="?")
+    _replica_args(status, required=False)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    restore = sub.add_parser("restore", help="write the last acknowledged state as plain files")
+    _replica_args(restore, required=True)
+    restore.add_argument("target")
+    restore.set_defaults(func=cmd_restore)
+    return p
+
+
+def _replica_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--replica", action="append", required=required, metavar="DIR")
+    p.add_argument("--key-file", metavar="PATH")
+    p.add_argument("--quorum", type=int, help="write quorum W (default: majority, at least k)")
+    p.add_argument("--deadline", type=float, default=10.0, help="seconds per replica request")
+
+
+def run(main, argv: list[str] | None, prog: str) -> int:
+    try:
+        return main(argv)
+    except CliError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def lnmirror_main(argv: list[str] | None = None) -> int:
+    def main(argv):
+        args = lnmirror_parser().parse_args(argv)
+        _setup_logging(foreground=True)
+        return args.func(args)
+    return run(main, argv, "lnmirror")
+
+
+# ---------------------------------------------------------------- mount_lnmirror
+
+# mount(8) and systemd options that mean something to them, not to us or to FUSE.
+_IGNORED_MOUNT_OPTIONS = {"defaults", "auto", "noauto", "nofail", "_netdev", "rw", "user",
+                          "users", "nouser"}
+
+
+def mount_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mount_lnmirror",
+        description="mount an lnmirrorfs volume: mount_lnmirror MOUNTPOINT --replica A --replica B,"
+                    " or as a mount helper: mount_lnmirror SOURCE MOUNTPOINT -o replica=A:B,key=K")
+    p.add_argument("args", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    _replica_args(p, required=False)
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    p.add_argument("-f", "--foreground", action="store_true")
+    return p
+
+
+def parse_mount_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Returns the parsed arguments and the options to hand on to FUSE."""
+    args = mount_parser().parse_args(argv)
+    if len(args.args) > 2:
+        raise CliError("too many positional arguments: give [SOURCE] MOUNTPOINT")
+    source, args.mountpoint = (None, args.args[0]) if len(args.args) == 1 else args.args
+    replicas = list(args.replica or [])
+    fuse_options = []
+    for opt in ",".join(args.options).split(","):
+        name, _, value = opt.partition("=")
+        if not name or name in _IGNORED_MOUNT_OPTIONS or name.startswith("x-"):
+            continue
+        if name == "replica":
+            replicas += [v for v in value.split(":") if v]
+        elif name == "key":
+            args.key_file = value
+        elif name == "quorum":
+            args.quorum = _number(int, name, value)
+        elif name == "deadline":
+            args.deadline = _number(float, name, value)
+        elif name == "ro":
+            raise CliError("read-only mounts are not supported; use lnmirror restore")
+        else:
+            fuse_options.append(opt)
+    if not replicas and source and "/" in source:
+        replicas = [v for v in source.split(":") if v]
+    if not replicas:
+        raise CliError("no replicas: give --replica DIR (or -o replica=A:B)")
+    args.replica = replicas
+    if not os.path.isdir(args.mountpoint):
+        raise CliError(f"mountpoint {args.mountpoint} does not exist or is not a directory")
+    return args, fuse_options
+
+
+def _number(kind, name: str, value: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise CliError(f"option {name}={value!r} is not a number") from None
+
+
+def mount_main(argv: list[str] | None = None) -> int:
+    return run(_mount, argv, "mount_lnmirror")
+
+
+def _mount(argv: list[str] | None) -> int:
+    from . import daemon  # pyfuse3 is needed only here
+
+    args, fuse_options = parse_mount_args(argv)
+    mountpoint = os.path.abspath(args.mountpoint)
+    if args.foreground:
+        _setup_logging(foreground=True)
+        volume = open_volume(args.replica, args.key_file, volume_options(args))
+        _report_degraded(volume)
+        daemon.serve(volume, mountpoint, fuse_options, control.socket_path(mountpoint),
+                     ready=lambda: log.info("mounted %s", mountpoint))
+        return 0
+    return _daemonize(lambda ready: daemon.serve(
+        _open_in_child(args), mountpoint, fuse_options, control.socket_path(mountpoint), ready))
+
+
+def _open_in_child(args: argparse.Namespace) -> Volume:
+    volume = open_volume(args.replica, args.key_file, volume_options(args))
+    _report_degraded(volume)
+    return volume
+
+
+def _report_degraded(volume: Volume) -> None:
+    for r in volume.replicas:
+        if r.state != "ONLINE":
+            msg = f"mounting degraded: replica {r.path} is {r.state} ({r.reason})"
+            log.warning(msg)
+            print(f"mount_lnmirror: {msg}", file=sys.stderr)
+
+
+def _daemonize(serve) -> int:
+    """Fork; the child mounts and serves, the parent waits for 'ok' or an error line."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace").strip()
+        if message == "ok":
+            return 0
+        print(message or "mount_lnmirror: the mount daemon died while starting", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    _setup_logging(foreground=False)
+
+    def ready() -> None:
+        os.write(write_end, b"ok")
+        os.close(write_end)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+
+    code = 0
+    try:
+        serve(ready)
+    except CliError as exc:
+        _tell_parent(write_end, f"mount_lnmirror: {exc}")
+        code = exc.code
+    except Exception as exc:
+        log.exception("mount daemon failed")
+        _tell_parent(write_end, f"mount_lnmirror: {exc}")
+        code = 1
+    os._exit(code)
+
+
+def _tell_parent(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode())
+        os.close(fd)
+    except OSError:
+        pass  # already told 'ok' and closed: the error is in the log
+
+
+def _setup_logging(foreground: bool) -> None:
+    logger = logging.getLogger("lnmirrorfs")
+    logger.setLevel(logging.INFO)
+    if foreground or not os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("lnmirrorfs[%(process)d]: %(message)s"))
+    logger.handlers[:] = [handler]

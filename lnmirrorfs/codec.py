@@ -1,0 +1,214 @@
+"""Codec layer: pure functions for keys, block encryption, FEC and share checksums.
+
+Nothing here touches files.  Every data block goes plaintext -> AEAD ciphertext ->
+zfec k-of-n shares; each share carries its own keyed checksum so a bad share is
+identified without trial decodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+import zfec
+from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_decrypt as _aead_decrypt,
+)
+from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_encrypt as _aead_encrypt,
+)
+from nacl.exceptions import CryptoError
+
+KEY_BYTES = 32
+NONCE_BYTES = 24
+TAG_BYTES = 16
+SEALED_OVERHEAD = NONCE_BYTES + TAG_BYTES
+CHECKSUM_BYTES = 16
+PAPER_CHECK_BYTES = 3
+_PERSON = b"lnmirror-v1"
+
+
+class CodecError(Exception):
+    """A block or record failed authentication or could not be decoded."""
+
+
+class PaperKeyError(ValueError):
+    """A typed-in paper key is malformed or its checksum does not match."""
+
+
+def _subkey(master: bytes, purpose: bytes) -> bytes:
+    # One independent key per purpose, so a leak of one use never helps another.
+    return hashlib.blake2b(purpose, key=master, digest_size=KEY_BYTES, person=_PERSON).digest()
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Subkeys derived from the 32-byte master key."""
+
+    block: bytes
+    meta: bytes
+    share: bytes
+    check: bytes
+
+    @classmethod
+    def derive(cls, master: bytes) -> Keys:
+        if len(master) != KEY_BYTES:
+            raise ValueError(f"master key must be {KEY_BYTES} bytes, got {len(master)}")
+        return cls(
+            block=_subkey(master, b"block"),
+            meta=_subkey(master, b"meta"),
+            share=_subkey(master, b"share"),
+            check=_subkey(master, b"keycheck"),
+        )
+
+
+def new_master_key() -> bytes:
+    return os.urandom(KEY_BYTES)
+
+
+def key_check(keys: Keys, volume_id: bytes) -> bytes:
+    """A value stored in every replica header that proves a key belongs to the volume."""
+    return hashlib.blake2b(volume_id, key=keys.check, digest_size=CHECKSUM_BYTES).digest()
+
+
+# ---- paper key: base32 of key + 3-byte checksum, grouped for typing ----
+
+def _paper_checksum(master: bytes) -> bytes:
+    return hashlib.blake2b(master, digest_size=PAPER_CHECK_BYTES, person=b"lnmirror-paper").digest()
+
+
+def encode_paper_key(master: bytes) -> str:
+    """32 key bytes + 3 checksum bytes = 56 base32 characters, in groups of four."""
+    text = base64.b32encode(master + _paper_checksum(master)).decode()
+    return "-".join(text[i:i + 4] for i in range(0, len(text), 4))
+
+
+def decode_paper_key(text: str) -> bytes:
+    """Parse a paper key; forgives case, spaces, dashes and 0/1/8 typed for O/I/B."""
+    cleaned = "".join(text.split()).replace("-", "").upper()
+    cleaned = cleaned.translate(str.maketrans("018", "OIB"))
+    expected_len = (KEY_BYTES + PAPER_CHECK_BYTES) * 8 // 5
+    if len(cleaned) != expected_len:
+        raise PaperKeyError(f"key must have {expected_len} characters, got {len(cleaned)}")
+    try:
+        raw = base64.b32decode(cleaned)
+    except ValueError as exc:
+        raise PaperKeyError(f"key has characters outside A-Z and 2-7: {exc}") from None
+    master, check = raw[:KEY_BYTES], raw[KEY_BYTES:]
+    if _paper_checksum(master) != check:
+        raise PaperKeyError("key checksum does not match: a character is mistyped")
+    return master
+
+
+# ---- authenticated encryption ----
+
+def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + _aead_encrypt(bytes(plaintext), aad, nonce, key)
+
+
+def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    if len(sealed) < SEALED_OVERHEAD:
+        raise CodecError("sealed data too short")
+    try:
+        return _aead_decrypt(bytes(sealed[NONCE_BYTES:]), aad, bytes(sealed[:NONCE_BYTES]), key)
+    except CryptoError:
+        raise CodecError("authentication failed") from None
+
+
+_BLOCK_AAD = struct.Struct("<16sQQQ")
+
+
+def block_aad(volume_id: bytes, file_id: int, block: int, gen: int) -> bytes:
+    return _BLOCK_AAD.pack(volume_id, file_id, block, gen)
+
+
+def encrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int,
+                  plaintext: bytes) -> bytes:
+    """Seal one block; the AAD pins it to its volume, file, index and generation."""
+    return _seal(keys.block, plaintext, block_aad(volume_id, file_id, block, gen))
+
+
+def decrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int,
+                  sealed: bytes) -> bytes:
+    return _open(keys.block, sealed, block_aad(volume_id, file_id, block, gen))
+
+
+def seal_record(keys: Keys, volume_id: bytes, kind: bytes, seq: int, plaintext: bytes) -> bytes:
+    """Seal a metadata record (log entry or snapshot) bound to its kind and sequence number."""
+    return _seal(keys.meta, plaintext, volume_id + kind + struct.pack("<Q", seq))
+
+
+def open_record(keys: Keys, volume_id: bytes, kind: bytes, seq: int, sealed: bytes) -> bytes:
+    return _open(keys.meta, sealed, volume_id + kind + struct.pack("<Q", seq))
+
+
+# ---- forward error correction ----
+
+@lru_cache(maxsize=64)
+def _encoder(k: int, n: int) -> zfec.Encoder:
+    return zfec.Encoder(k, n)
+
+
+@lru_cache(maxsize=64)
+def _decoder(k: int, n: int) -> zfec.Decoder:
+    return zfec.Decoder(k, n)
+
+
+def share_length(data_length: int, k: int) -> int:
+    return -(-data_length // k)
+
+
+def fec_encode(data: bytes, k: int, n: int) -> list[bytes]:
+    """Split data into n shares of which any k rebuild it (zero-padded to a multiple of k)."""
+    if k == 1:
+        data = bytes(data)
+        return [data] * n
+    size = share_length(len(data), k)
+    padded = bytes(data) + bytes(size * k - len(data))
+    return _encoder(k, n).encode([padded[i * size:(i + 1) * size] for i in range(k)])
+
+
+def fec_decode(shares: dict[int, bytes], k: int, n: int, data_length: int) -> bytes:
+    """Rebuild data from at least k shares, given as {share index: share bytes}."""
+    if len(shares) < k:
+        raise CodecError(f"need {k} shares, have {len(shares)}")
+    if k == 1:
+        return bytes(next(iter(shares.values())))[:data_length]
+    indexes = sorted(shares)[:k]
+    primary = _decoder(k, n).decode([shares[i] for i in indexes], indexes)
+    return b"".join(primary)[:data_length]
+
+
+# ---- per-share checksums ----
+
+_SHARE_CTX = struct.Struct("<16sQQQB")
+
+
+def share_checksum(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int,
+                   share_index: int, share: bytes) -> bytes:
+    """Keyed checksum of one share, bound to where it belongs so misplaced shares fail too."""
+    h = hashlib.blake2b(key=keys.share, digest_size=CHECKSUM_BYTES)
+    h.update(_SHARE_CTX.pack(volume_id, file_id, block, gen, share_index))
+    h.update(share)
+    return h.digest()
+
+
+def encode_block(keys: Keys, volume_id: bytes, k: int, n: int, file_id: int, block: int,
+                 gen: int, plaintext: bytes) -> list[tuple[bytes, bytes]]:
+    """Encrypt then FEC-encode one block: returns n (checksum, share) pairs, share i for replica i."""
+    sealed = encrypt_block(keys, volume_id, file_id, block, gen, plaintext)
+    shares = fec_encode(sealed, k, n)
+    return [(share_checksum(keys, volume_id, file_id, block, gen, i, s), s)
+            for i, s in enumerate(shares)]
+
+
+def decode_block(keys: Keys, volume_id: bytes, k: int, n: int, file_id: int, block: int,
+                 gen: int, shares: dict[int, bytes], block_size: int) -> bytes:
+    """Rebuild and decrypt one block from at least k verified shares."""
+    sealed = fec_decode(shares, k, n, block_size + SEALED_OVERHEAD)
+    return decrypt_block(keys, volume_id, file_id, block, gen, sealed)

@@ -1,0 +1,76 @@
+"""Running a mount: the trio main loop around pyfuse3, periodic writeback, the control
+socket, signals, and the clean shutdown that flushes everything to the replicas."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import pyfuse3
+import trio
+
+from . import control
+from .fuse_ops import Operations, mount_options
+from .volume import Volume
+
+log = logging.getLogger("lnmirrorfs.daemon")
+WRITEBACK_SECONDS = 5.0
+
+
+async def _writeback(volume: Volume) -> None:
+    """Like the kernel's dirty writeback: buffered data reaches the replicas within seconds."""
+    while True:
+        await trio.sleep(WRITEBACK_SECONDS)
+        if volume.dirty and not volume.suspended:
+            try:
+                await volume.sync()
+            except OSError as exc:
+                log.error("periodic writeback failed: %s", exc)
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _control_handler(volume: Volume):
+    async def handle(request: dict) -> dict:
+        if request.get("cmd") == "status":
+            return volume.status()
+        return {"error": f"unknown command {request.get('cmd')!r}"}
+    return handle
+
+
+async def _main(volume: Volume, control_path: str) -> None:
+    await volume.free_orphans()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve, control_path, _control_handler(volume))
+        nursery.start_soon(_writeback, volume)
+        nursery.start_soon(_on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    if volume.dirty and not volume.suspended:
+        await volume.sync()
+    async with volume.lock:
+        if not volume.suspended:
+            await volume.snapshot()
+
+
+def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_path: str,
+          ready=None) -> None:
+    """Mount and serve until unmounted; `ready()` is called once the mount is up."""
+    pyfuse3.init(Operations(volume), mountpoint, mount_options(extra_options))
+    clean = False
+    try:
+        if ready:
+            ready()
+        trio.run(_main, volume, control_path)
+        clean = True
+    finally:
+        # After a clean run this also unmounts when we were stopped by a signal; after a
+        # crash it must not block on a kernel that still has requests for us.
+        pyfuse3.close(unmount=clean)
+        volume.close()

@@ -1,0 +1,243 @@
+"""FUSE adapter: pyfuse3 Operations that translate kernel requests into volume calls.
+
+Every handler goes through `_guard`: an OSError becomes its errno, anything else a logged
+EIO.  One bad request must never end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import stat
+
+import pyfuse3
+
+from .tree import Inode
+from .volume import NAME_MAX, Volume, fail
+
+log = logging.getLogger("lnmirrorfs.fuse")
+# We are the only writer, so the kernel may cache names and attributes for a while.
+CACHE_TIMEOUT = 5.0
+
+
+def _guard(handler):
+    @functools.wraps(handler)
+    async def wrapper(self, *args):
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed", handler.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__()
+        self.volume = volume
+        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_dir_handle = itertools.count(1)
+
+    def _node(self, ino: int) -> Inode:
+        node = self.volume.tree.inodes.get(ino)
+        if node is None:
+            raise fail(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid, a.st_gid, a.st_rdev = node.uid, node.gid, node.rdev
+        if node.is_reg:
+            a.st_size = self.volume.size_of(node)
+        elif stat.S_ISLNK(node.mode):
+            a.st_size = len(node.target)
+        else:
+            a.st_size = 0
+        a.st_blksize = self.volume.block_size
+        a.st_blocks = -(-a.st_size // 512)
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
+        return a
+
+    # ---- names and attributes ----
+
+    @_guard
+    async def lookup(self, parent_inode, name, ctx):
+        return self._attr(self.volume.lookup(parent_inode, name))
+
+    @_guard
+    async def getattr(self, inode, ctx):
+        return self._attr(self._node(inode))
+
+    @_guard
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        changes = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_atime:
+            changes["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime"] = attr.st_mtime_ns
+        if changes:
+            node = await self.volume.setattr(inode, **changes)
+        return self._attr(node)
+
+    @_guard
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise fail(errno.EINVAL)
+        return node.target
+
+    # ---- creating and removing names ----
+
+    @_guard
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        node = await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev)
+        return self._attr(node)
+
+    @_guard
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        return self._attr(await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_guard
+    async def symlink(self, parent_inode, name, target, ctx):
+        node = await self.volume.mknod(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
+                                       target=target)
+        return self._attr(node)
+
+    @_guard
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        node = await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid)
+        self.volume.opened(node.ino)
+        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attr(node)
+
+    @_guard
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._attr(await self.volume.link(inode, new_parent_inode, new_name))
+
+    @_guard
+    async def unlink(self, parent_inode, name, ctx):
+        await self.volume.unlink(parent_inode, name, want_dir=False)
+
+    @_guard
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.volume.unlink(parent_inode, name, want_dir=True)
+
+    @_guard
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise fail(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        await self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                 noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    # ---- file data ----
+
+    @_guard
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.is_dir:
+            raise fail(errno.EISDIR)
+        self.volume.opened(inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_guard
+    async def read(self, fh, off, size):
+        return await self.volume.read(fh, off, size)
+
+    @_guard
+    async def write(self, fh, off, buf):
+        return await self.volume.write(fh, off, buf)
+
+    @_guard
+    async def flush(self, fh):
+        # close() makes the data durable: a crash after a clean close loses nothing.
+        if fh in self.volume.dirty:
+            await self.volume.sync(fh)
+
+    @_guard
+    async def fsync(self, fh, datasync):
+        await self.volume.sync(fh)
+        self.volume.stats["fsync"] += 1
+
+    @_guard
+    async def release(self, fh):
+        await self.volume.released(fh)
+
+    # ---- directories ----
+
+    @_guard
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR)
+        handle = next(self._next_dir_handle)
+        self._dir_handles[handle] = sorted(node.entries.items())
+        return handle
+
+    @_guard
+    async def readdir(self, fh, start_id, token):
+        entries = self._dir_handles[fh]
+        for position in range(start_id, len(entries)):
+            name, ino = entries[position]
+            node = self.volume.tree.inodes.get(ino)
+            if node is None:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attr(node), position + 1):
+                break
+
+    @_guard
+    async def releasedir(self, fh):
+        self._dir_handles.pop(fh, None)
+
+    @_guard
+    async def fsyncdir(self, fh, datasync):
+        # Namespace changes are acknowledged only once durable on W replicas, so nothing
+        # is pending here; the volume still refuses if it lost quorum since.
+        if self.volume.suspended:
+            raise fail(errno.EIO, self.volume.suspended)
+        self.volume.stats["fsyncdir"] += 1
+
+    # ---- volume ----
+
+    @_guard
+    async def statfs(self, ctx):
+        total, free = self.volume.statfs()
+        bs = self.volume.block_size
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = total // bs
+        s.f_bfree = s.f_bavail = free // bs
+        s.f_files = len(self.volume.tree.inodes) + 1_000_000
+        s.f_ffree = s.f_favail = 1_000_000
+        s.f_namemax = NAME_MAX
+        return s
+
+
+def mount_options(extra: list[str]) -> set[str]:
+    """pyfuse3 defaults plus ours; the kernel enforces modes so hsm_secret stays 0400."""
+    options = set(pyfuse3.default_options) | {"fsname=lnmirrorfs", "subtype=lnmirror"}
+    options.update(extra)
+    return options

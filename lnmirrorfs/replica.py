@@ -1,0 +1,350 @@
+"""Replica store: one replica directory, its files, and the worker thread that does its I/O.
+
+All methods here are blocking.  The mount calls them through `Replica.worker` so that a
+hung NAS stalls only its own queue; offline tools (init, restore, scrub) call them directly.
+
+Layout of a replica directory:
+    lnmirror.hdr        header (format.Header)
+    lock                flock()ed by whoever writes the replica set
+    meta/snapshot       the whole tree at some sequence number, sealed
+    meta/log            sealed records after the snapshot, appended
+    data/<file id>      two slots per block, each holding one share
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import codec, format
+from .tree import Tree, TreeError, decode_ops
+
+ONLINE, STALE, FAULTED, MISSING = "ONLINE", "STALE", "FAULTED", "MISSING"
+_MAX_OPEN_DATA_FILES = 256
+
+
+class ReplicaError(Exception):
+    """A replica cannot be used; the message says why in one line."""
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write a whole file via a temporary name, fsync it, rename it, fsync the directory."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+class Worker:
+    """One thread running one replica's jobs in order (a plain thread + queue: cheapest hop)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
+        self.pending += 1
+        self._jobs.put((job, done))
+
+    def stop(self) -> None:
+        self._jobs.put((None, None))
+
+    def _loop(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            if job is None:
+                return
+            try:
+                result, error = job(), None
+            except BaseException as exc:  # handed to the caller, who decides
+                result, error = None, exc
+            self.pending -= 1
+            done(result, error)
+
+
+@dataclass
+class Counters:
+    read: int = 0
+    write: int = 0
+    checksum: int = 0
+
+    def as_dict(self) -> dict:
+        return {"read": self.read, "write": self.write, "checksum": self.checksum}
+
+
+@dataclass
+class Loaded:
+    """What a replica's metadata says: its tree and where its log's valid part ends."""
+
+    tree: Tree
+    log_end: int
+    log_records: int
+
+
+@dataclass(eq=False)  # identity semantics: replicas are dict keys
+class Replica:
+    path: str
+    header: format.Header | None = None
+    state: str = ONLINE
+    reason: str = ""
+    counters: Counters = field(default_factory=Counters)
+    worker: Worker | None = None
+    _data_fds: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    _log_fd: int | None = None
+    _lock_fd: int | None = None
+
+    # ---- creation and opening ----
+
+    @classmethod
+    def create(cls, path: str, header: format.Header, keys: codec.Keys, tree: Tree) -> Replica:
+        """Lay out a new replica in an existing empty directory."""
+        if not os.path.isdir(path):
+            raise ReplicaError(f"{path}: replica directory does not exist")
+        if os.listdir(path):
+            raise ReplicaError(f"{path}: directory is not empty")
+        replica = cls(path, header)
+        os.mkdir(replica.meta_path, 0o700)
+        os.mkdir(replica.data_path, 0o700)
+        replica.write_snapshot(keys, tree)
+        write_file_durably(os.path.join(path, format.HEADER_NAME), header.pack(), 0o400)
+        return replica
+
+    @classmethod
+    def open(cls, path: str) -> Replica:
+        """Read and check the header; raises ReplicaError with a one-line reason."""
+        header_path = os.path.join(path, format.HEADER_NAME)
+        if not os.path.isdir(path):
+            raise ReplicaError(f"{path}: replica directory does not exist")
+        try:
+            with open(header_path, "rb") as f:
+                raw = f.read(format.HEADER_SIZE + 1)
+        except FileNotFoundError:
+            raise ReplicaError(f"{path}: not an lnmirrorfs replica (no {format.HEADER_NAME})") from None
+        except OSError as exc:
+            raise ReplicaError(f"{path}: cannot read header: {exc.strerror}") from None
+        try:
+            return cls(path, format.Header.unpack(raw))
+        except format.FormatError as exc:
+            raise ReplicaError(f"{path}: {exc}") from None
+
+    @property
+    def meta_path(self) -> str:
+        return os.path.join(self.path, format.META_DIR)
+
+    @property
+    def data_path(self) -> str:
+        return os.path.join(self.path, format.DATA_DIR)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.meta_path, format.LOG_NAME)
+
+    @property
+    def index(self) -> int:
+        return self.header.share_index
+
+    @property
+    def usable(self) -> bool:
+        return self.state == ONLINE
+
+    def lock(self) -> None:
+        """Take the replica's exclusive lock: one writer (mount or offline tool) at a time."""
+        fd = os.open(os.path.join(self.path, format.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ReplicaError(f"{self.path}: replica is in use by a mount or another lnmirror "
+                               "command") from None
+        self._lock_fd = fd
+
+    def start_worker(self) -> None:
+        self.worker = Worker(f"replica-{self.index}")
+
+    def close(self) -> None:
+        if self.worker:
+            self.worker.stop()
+        for fd in self._data_fds.values():
+            os.close(fd)
+        self._data_fds.clear()
+        for attr in ("_log_fd", "_lock_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+
+    def mark(self, state: str, reason: str) -> None:
+        if self.state == ONLINE or state == MISSING:
+            self.state, self.reason = state, reason
+
+    # ---- metadata ----
+
+    def load(self, keys: codec.Keys) -> Loaded:
+        """Rebuild this replica's tree from its snapshot and log; a torn or forged tail ends it."""
+        vol = self.header.volume_id
+        try:
+            with open(os.path.join(self.meta_path, format.SNAPSHOT_NAME), "rb") as f:
+                snap_seq, sealed = format.unpack_snapshot(f.read())
+            tree = Tree.load(codec.open_record(keys, vol, format.SNAPSHOT_KIND, snap_seq, sealed))
+            with open(self.log_path, "rb") as f:
+                raw = f.read()
+        except (OSError, format.FormatError, codec.CodecError, TreeError) as exc:
+            raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
+        log_end, count = 0, 0
+        for seq, sealed, end in format.iter_records(raw):
+            if seq <= tree.seq:
+                log_end = end  # already in the snapshot (crash between snapshot and log reset)
+                continue
+            try:
+                ops = decode_ops(codec.open_record(keys, vol, format.LOG_KIND, seq, sealed))
+                tree.apply(seq, ops)
+            except (codec.CodecError, TreeError, ValueError):
+                break
+            log_end, count = end, count + 1
+        return Loaded(tree, log_end, count)
+
+    def open_log(self, valid_end: int) -> None:
+        """Open the log for appending, cutting off any torn tail first."""
+        fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND)
+        if os.fstat(fd).st_size != valid_end:
+            os.ftruncate(fd, valid_end)
+            os.fsync(fd)
+        self._log_fd = fd
+
+    def write_snapshot(self, keys: codec.Keys, tree: Tree, sealed: bytes | None = None) -> None:
+        """Replace snapshot and empty the log; a crash in between leaves records the load skips."""
+        if sealed is None:
+            sealed = seal_snapshot(keys, self.header.volume_id, tree)
+        write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
+                           format.pack_snapshot(tree.seq, sealed))
+        if self._log_fd is not None:
+            os.ftruncate(self._log_fd, 0)
+            os.fsync(self._log_fd)
+        else:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fsync(fd)
+            os.close(fd)
+            fsync_dir(self.meta_path)
+
+    # ---- data ----
+
+    def _data_fd(self, file_id: int, create: bool) -> tuple[int | None, bool]:
+        """An open fd for a data file (cached); returns (fd, created)."""
+        fd = self._data_fds.get(file_id)
+        if fd is not None:
+            self._data_fds.move_to_end(file_id)
+            return fd, False
+        path = os.path.join(self.data_path, format.data_name(file_id))
+        created = False
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            if not create:
+                return None, False
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            created = True
+        self._data_fds[file_id] = fd
+        if len(self._data_fds) > _MAX_OPEN_DATA_FILES:
+            os.close(self._data_fds.popitem(last=False)[1])
+        return fd, created
+
+    def commit(self, slots: list[tuple[int, int, bytes]], record: bytes) -> None:
+        """Write slots (file id, offset, bytes), make them durable, then append the log record.
+
+        The record is the commit point: it is appended only after every slot it refers to
+        is on disk, so a crash leaves either the old state or the new one on this replica.
+        """
+        try:
+            self._check_online()
+            touched: dict[int, int] = {}
+            created = False
+            for file_id, offset, data in slots:
+                fd, new = self._data_fd(file_id, create=True)
+                created |= new
+                os.pwrite(fd, data, offset)
+                touched[file_id] = fd
+            for fd in touched.values():
+                os.fdatasync(fd)
+            if created:
+                fsync_dir(self.data_path)
+            os.write(self._log_fd, record)
+            os.fdatasync(self._log_fd)
+        except OSError as exc:
+            self.counters.write += 1
+            self.mark(FAULTED, f"write failed: {exc.strerror or exc}")
+            raise
+
+    def read_slot(self, file_id: int, block: int, slot: int, size: int) -> bytes:
+        try:
+            self._check_online()
+            fd, _ = self._data_fd(file_id, create=False)
+            if fd is None:
+                return b""
+            return os.pread(fd, size, format.slot_offset(block, slot, size))
+        except OSError:
+            self.counters.read += 1
+            raise
+
+    def truncate_data(self, file_id: int, blocks: int, size: int) -> None:
+        fd, _ = self._data_fd(file_id, create=False)
+        if fd is not None:
+            os.ftruncate(fd, format.slot_offset(blocks, 0, size))
+
+    def remove_data(self, file_id: int) -> None:
+        fd = self._data_fds.pop(file_id, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(os.path.join(self.data_path, format.data_name(file_id)))
+        except FileNotFoundError:
+            pass
+
+    def data_files(self) -> list[int]:
+        return [int(name, 16) for name in os.listdir(self.data_path)
+                if len(name) == 16 and all(c in "0123456789abcdef" for c in name)]
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def _check_online(self) -> None:
+        if self.state == FAULTED:
+            raise OSError(errno.EIO, f"replica faulted earlier: {self.reason}")
+        if not os.path.isdir(self.data_path):
+            raise OSError(errno.ENOENT, "replica directory vanished")
+
+    def status(self) -> dict:
+        try:
+            free = self.free_bytes()
+        except OSError:
+            free = None
+        return {"path": self.path, "index": self.index if self.header else None,
+                "state": self.state, "reason": self.reason, "free_bytes": free,
+                "errors": self.counters.as_dict(),
+                "queue": self.worker.pending if self.worker else 0}
+
+
+def seal_snapshot(keys: codec.Keys, volume_id: bytes, tree: Tree) -> bytes:
+    return codec.seal_record(keys, volume_id, format.SNAPSHOT_KIND, tree.seq, tree.dump())
+

@@ -1,0 +1,288 @@
+"""The namespace model: inodes, directory entries, block maps, and the ops that change them.
+
+The same `apply` runs when the mount commits an op and when a replica's log is replayed,
+so the state in memory and the state a restore rebuilds cannot drift apart.  Ops are
+plain JSON-able dicts; they are validated by the volume before they are committed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import sys
+import zlib
+from array import array
+from dataclasses import dataclass, field
+
+ROOT_INO = 1
+HOLE = 0
+
+
+def name_to_json(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def name_from_json(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def block_entry(gen: int, slot: int) -> int:
+    """A block map entry packs the generation and which of the two slots holds it."""
+    return gen << 1 | slot
+
+
+def entry_gen(entry: int) -> int:
+    return entry >> 1
+
+
+def entry_slot(entry: int) -> int:
+    return entry & 1
+
+
+@dataclass
+class Inode:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int = 1
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    rdev: int = 0
+    target: bytes = b""
+    entries: dict[bytes, int] | None = None
+    blocks: array = field(default_factory=lambda: array("Q"))
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    def trim_blocks(self, block_size: int) -> None:
+        """Drop block map entries wholly beyond the end of the file."""
+        keep = -(-self.size // block_size)
+        if len(self.blocks) > keep:
+            del self.blocks[keep:]
+
+    def to_json(self) -> dict:
+        out = {"ino": self.ino, "mode": self.mode, "uid": self.uid, "gid": self.gid,
+               "nlink": self.nlink, "size": self.size, "atime": self.atime_ns,
+               "mtime": self.mtime_ns, "ctime": self.ctime_ns, "rdev": self.rdev}
+        if self.target:
+            out["target"] = name_to_json(self.target)
+        if self.entries is not None:
+            out["entries"] = {name_to_json(k): v for k, v in self.entries.items()}
+        if self.blocks:
+            out["blocks"] = base64.b64encode(_le_bytes(self.blocks)).decode()
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> Inode:
+        node = cls(d["ino"], d["mode"], d["uid"], d["gid"], d["nlink"], d["size"],
+                   d["atime"], d["mtime"], d["ctime"], d["rdev"],
+                   name_from_json(d.get("target", "")))
+        if "entries" in d:
+            node.entries = {name_from_json(k): v for k, v in d["entries"].items()}
+        if "blocks" in d:
+            node.blocks = _array_from_le(base64.b64decode(d["blocks"]))
+        return node
+
+
+def _le_bytes(a: array) -> bytes:
+    if sys.byteorder == "little":
+        return a.tobytes()
+    b = array("Q", a)
+    b.byteswap()
+    return b.tobytes()
+
+
+def _array_from_le(raw: bytes) -> array:
+    a = array("Q")
+    a.frombytes(raw)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+class TreeError(Exception):
+    """A log or snapshot describes an impossible change: the replica's metadata is corrupt."""
+
+
+def encode_ops(ops: list[dict]) -> bytes:
+    return json.dumps(ops, separators=(",", ":")).encode()
+
+
+def decode_ops(raw: bytes) -> list[dict]:
+    ops = json.loads(raw)
+    if not isinstance(ops, list):
+        raise TreeError("record is not a list of ops")
+    return ops
+
+
+class Tree:
+    """The whole volume's metadata at sequence number `seq`."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.seq = 0
+        self.next_ino = ROOT_INO + 1
+        self.inodes: dict[int, Inode] = {}
+        self.blame: dict[int, str] = {}
+
+    @classmethod
+    def new(cls, block_size: int, uid: int, gid: int, now_ns: int) -> Tree:
+        tree = cls(block_size)
+        tree.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, nlink=2,
+                                      atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
+                                      entries={})
+        return tree
+
+    # ---- reading ----
+
+    def get(self, ino: int) -> Inode:
+        return self.inodes[ino]
+
+    def child(self, parent: int, name: bytes) -> Inode | None:
+        ino = self.inodes[parent].entries.get(name)
+        return None if ino is None else self.inodes[ino]
+
+    def walk(self, ino: int = ROOT_INO, prefix: bytes = b""):
+        """Yield (relative path, inode) for every entry below ino, parents before children."""
+        for name, child_ino in sorted(self.inodes[ino].entries.items()):
+            node = self.inodes[child_ino]
+            path = prefix + name
+            yield path, node
+            if node.is_dir:
+                yield from self.walk(child_ino, path + b"/")
+
+    # ---- changing ----
+
+    def apply(self, seq: int, ops: list[dict]) -> None:
+        if seq != self.seq + 1:
+            raise TreeError(f"record {seq} does not follow {self.seq}")
+        for op in ops:
+            try:
+                getattr(self, "_op_" + op["op"])(seq, op)
+            except (KeyError, AttributeError, TypeError) as exc:
+                raise TreeError(f"record {seq}: bad op {op.get('op')!r}: {exc!r}") from None
+        self.seq = seq
+
+    def _op_mknod(self, seq: int, op: dict) -> None:
+        now = op["time"]
+        node = Inode(op["ino"], op["mode"], op["uid"], op["gid"], rdev=op.get("rdev", 0),
+                     target=name_from_json(op.get("target", "")),
+                     atime_ns=now, mtime_ns=now, ctime_ns=now)
+        parent = self.inodes[op["parent"]]
+        if node.is_dir:
+            node.entries = {}
+            node.nlink = 2
+            parent.nlink += 1
+        self.inodes[node.ino] = node
+        self.next_ino = max(self.next_ino, node.ino + 1)
+        self._add_entry(parent, name_from_json(op["name"]), node.ino, now)
+
+    def _op_link(self, seq: int, op: dict) -> None:
+        node = self.inodes[op["ino"]]
+        node.nlink += 1
+        node.ctime_ns = op["time"]
+        self._add_entry(self.inodes[op["parent"]], name_from_json(op["name"]), node.ino,
+                        op["time"])
+
+    def _op_unlink(self, seq: int, op: dict) -> None:
+        self._remove_entry(self.inodes[op["parent"]], name_from_json(op["name"]), op["time"])
+
+    def _op_rename(self, seq: int, op: dict) -> None:
+        old_parent = self.inodes[op["parent"]]
+        new_parent = self.inodes[op["new_parent"]]
+        name, new_name, now = name_from_json(op["name"]), name_from_json(op["new_name"]), op["time"]
+        ino = old_parent.entries[name]
+        if new_parent.entries.get(new_name) == ino:
+            return  # rename of a hard link onto itself: POSIX says do nothing
+        if new_name in new_parent.entries:
+            self._remove_entry(new_parent, new_name, now)
+        del old_parent.entries[name]
+        node = self.inodes[ino]
+        if node.is_dir and old_parent is not new_parent:
+            old_parent.nlink -= 1
+            new_parent.nlink += 1
+        node.ctime_ns = now
+        old_parent.mtime_ns = old_parent.ctime_ns = now
+        self._add_entry(new_parent, new_name, ino, now)
+
+    def _op_setattr(self, seq: int, op: dict) -> None:
+        node = self.inodes[op["ino"]]
+        for key, attr in (("mode", "mode"), ("uid", "uid"), ("gid", "gid"),
+                          ("atime", "atime_ns"), ("mtime", "mtime_ns"), ("ctime", "ctime_ns")):
+            if key in op:
+                setattr(node, attr, op[key])
+        if "size" in op:
+            node.size = op["size"]
+            node.trim_blocks(self.block_size)
+
+    def _op_write(self, seq: int, op: dict) -> None:
+        node = self.inodes[op["ino"]]
+        blocks = node.blocks
+        for packed in op["blocks"]:
+            index, slot = packed >> 1, packed & 1
+            if index >= len(blocks):
+                blocks.extend([HOLE] * (index + 1 - len(blocks)))
+            blocks[index] = block_entry(seq, slot)
+        node.size = op["size"]
+        node.mtime_ns = node.ctime_ns = op["mtime"]
+        node.trim_blocks(self.block_size)
+
+    def _op_free(self, seq: int, op: dict) -> None:
+        del self.inodes[op["ino"]]
+
+    def _op_blame(self, seq: int, op: dict) -> None:
+        self.blame[op["replica"]] = op["reason"]
+
+    def _op_absolve(self, seq: int, op: dict) -> None:
+        self.blame.pop(op["replica"], None)
+
+    def _add_entry(self, parent: Inode, name: bytes, ino: int, now: int) -> None:
+        parent.entries[name] = ino
+        parent.mtime_ns = parent.ctime_ns = now
+
+    def _remove_entry(self, parent: Inode, name: bytes, now: int) -> None:
+        node = self.inodes[parent.entries.pop(name)]
+        parent.mtime_ns = parent.ctime_ns = now
+        node.ctime_ns = now
+        if node.is_dir:
+            node.nlink = 0
+            parent.nlink -= 1
+        else:
+            node.nlink -= 1
+
+    def orphans(self) -> list[int]:
+        """Inodes no name points to any more (kept only while open)."""
+        return [ino for ino, node in self.inodes.items() if node.nlink == 0]
+
+    # ---- snapshot serialization ----
+
+    def dump(self) -> bytes:
+        doc = {"seq": self.seq, "next_ino": self.next_ino, "block_size": self.block_size,
+               "blame": {str(k): v for k, v in self.blame.items()},
+               "inodes": [n.to_json() for n in self.inodes.values()]}
+        return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+
+    @classmethod
+    def load(cls, raw: bytes) -> Tree:
+        try:
+            doc = json.loads(zlib.decompress(raw))
+            tree = cls(doc["block_size"])
+            tree.seq = doc["seq"]
+            tree.next_ino = doc["next_ino"]
+            tree.blame = {int(k): v for k, v in doc["blame"].items()}
+            for d in doc["inodes"]:
+                node = Inode.from_json(d)
+                tree.inodes[node.ino] = node
+        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+            raise TreeError(f"snapshot does not parse: {exc!r}") from None
+        return tree

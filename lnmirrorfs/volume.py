@@ -1,0 +1,625 @@
+"""Volume layer: the replicated tree.  Knows nothing of FUSE.
+
+Opening: every replica's tree is rebuilt from its snapshot and log; the newest sequence
+number wins, but only when enough replicas are present to prove no newer acknowledged
+state can exist elsewhere (`n - W + 1`), and when at least k replicas hold it.
+
+Changing: every change is one sealed log record with the next sequence number, carrying
+namespace ops and the new generations of written blocks (gen = that sequence number).
+A record is acknowledged once W replicas wrote its block shares, synced them, appended
+the record and synced the log.  Writes between syncs stay in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from . import codec, format
+from .replica import FAULTED, MISSING, ONLINE, STALE, Replica, ReplicaError, seal_snapshot
+from .tree import HOLE, Inode, Tree, encode_ops, entry_gen, entry_slot
+from .tree import name_to_json as _j
+
+log = logging.getLogger("lnmirrorfs.volume")
+NAME_MAX = 255
+
+
+class VolumeError(Exception):
+    """The replica set cannot be used as asked; the message is one line for the operator."""
+
+
+def fail(err: int, what: str = "") -> OSError:
+    return OSError(err, what or os.strerror(err))
+
+
+@dataclass
+class Options:
+    quorum: int | None = None          # W; default majority of n, never below k
+    deadline: float = 10.0             # seconds a replica has to answer one request
+    cache_bytes: int = 32 << 20        # decoded-block cache
+    dirty_bytes: int = 64 << 20        # buffered writes before a forced commit
+    snapshot_log_bytes: int = 16 << 20  # log size that triggers a snapshot
+
+
+def default_quorum(k: int, n: int) -> int:
+    return max(k, n // 2 + 1)
+
+
+# ---------------------------------------------------------------- opening
+
+def open_replicas(paths: list[str], master: bytes) -> tuple[list[Replica], codec.Keys]:
+    """Open and cross-check the replica headers.  Missing directories come back MISSING;
+    anything foreign, corrupt, newer or keyed differently is refused outright."""
+    if not paths:
+        raise VolumeError("no replicas given (use --replica DIR)")
+    if len(set(map(os.path.realpath, paths))) != len(paths):
+        raise VolumeError("the same replica directory is given twice")
+    keys = codec.Keys.derive(master)
+    replicas: list[Replica] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            replicas.append(Replica(path, state=MISSING, reason="directory does not exist"))
+            continue
+        try:
+            replicas.append(Replica.open(path))
+        except ReplicaError as exc:
+            raise VolumeError(str(exc)) from None
+    headers = [r for r in replicas if r.header]
+    if not headers:
+        raise VolumeError("none of the replica directories exists: "
+                          + ", ".join(r.path for r in replicas))
+    first = headers[0].header
+    seen: dict[int, str] = {}
+    for r in headers:
+        h = r.header
+        if h.volume_id != first.volume_id:
+            raise VolumeError(f"{r.path}: belongs to volume {h.volume_hex}, not "
+                              f"{first.volume_hex} like {headers[0].path}")
+        if (h.k, h.n, h.block_size) != (first.k, first.n, first.block_size):
+            raise VolumeError(f"{r.path}: header disagrees with {headers[0].path} on k/n/block size")
+        if h.key_check != codec.key_check(keys, h.volume_id):
+            raise VolumeError(f"{r.path}: wrong key for volume {h.volume_hex}")
+        if h.share_index in seen:
+            raise VolumeError(f"{r.path} and {seen[h.share_index]} are the same share "
+                              f"{h.share_index}: a copied replica?")
+        seen[h.share_index] = r.path
+    if len(replicas) > first.n:
+        raise VolumeError(f"{len(replicas)} replicas given but the volume has n={first.n}")
+    return replicas, keys
+
+
+def tree_digest(tree: Tree) -> bytes:
+    return hashlib.blake2b(tree.dump(), digest_size=16).digest()
+
+
+def choose_current(replicas: list[Replica], loaded: dict, k: int, n: int, quorum: int) -> Tree:
+    """Pick the tree to serve and mark replicas that are behind it STALE.
+
+    An acknowledged record is on at least W replicas, so with more than n - W replicas
+    loaded at least one of them holds every acknowledged record."""
+    need_present = n - quorum + 1
+    if len(loaded) < need_present:
+        missing = [f"{r.path} ({r.reason})" for r in replicas if r not in loaded]
+        raise VolumeError(f"only {len(loaded)} of {n} replicas readable, need {need_present} to "
+                          f"prove the latest state; missing: {', '.join(missing) or 'unnamed'}")
+    newest = max(result.tree.seq for result in loaded.values())
+    current = [r for r, result in loaded.items() if result.tree.seq == newest]
+    if len(current) < k:
+        raise VolumeError(f"latest state (record {newest}) is on {len(current)} replica(s), "
+                          f"need k={k} to decode it")
+    digests = {r.path: tree_digest(loaded[r].tree) for r in current}
+    if len(set(digests.values())) > 1:
+        raise VolumeError("split brain: replicas " + ", ".join(digests) +
+                          f" hold different states at record {newest}; run lnmirror scrub")
+    for r, result in loaded.items():
+        if result.tree.seq < newest:
+            r.mark(STALE, f"behind: at record {result.tree.seq} of {newest}")
+    return loaded[current[0]].tree
+
+
+# ---------------------------------------------------------------- the volume
+
+class Volume:
+    def __init__(self, replicas: list[Replica], keys: codec.Keys, tree: Tree,
+                 options: Options) -> None:
+        header = next(r.header for r in replicas if r.header)
+        self.replicas = replicas
+        self.keys = keys
+        self.tree = tree
+        self.options = options
+        self.volume_id = header.volume_id
+        self.k, self.n, self.block_size = header.k, header.n, header.block_size
+        self.slot_size = format.slot_size(self.block_size, self.k)
+        self.quorum = options.quorum or default_quorum(self.k, self.n)
+        self.suspended = ""                      # set when a commit missed quorum
+        self.lock = trio.Lock()                  # serializes check + commit + apply
+        self.dirty: dict[int, dict[int, bytearray]] = {}
+        self.inflight: dict[int, dict[int, bytes]] = {}
+        self.pending_size: dict[int, int] = {}
+        self.open_count: dict[int, int] = {}
+        self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.bad_shares: set[tuple[int, int, int]] = set()  # (replica index, ino, block)
+        self.log_bytes = 0
+        # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
+        self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
+        self._zero = bytes(self.block_size)
+
+    @classmethod
+    def open(cls, paths: list[str], master: bytes, options: Options | None = None,
+             writable: bool = True) -> Volume:
+        """Open the replica set; read-only opens change no byte on any replica."""
+        options = options or Options()
+        replicas, keys = open_replicas(paths, master)
+        header = next(r.header for r in replicas if r.header)
+        quorum = options.quorum or default_quorum(header.k, header.n)
+        if not header.k <= quorum <= header.n:
+            raise VolumeError(f"quorum {quorum} must be between k={header.k} and n={header.n}")
+        loaded = {}
+        for r in replicas:
+            if r.header is None:
+                continue
+            try:
+                r.lock()
+                loaded[r] = r.load(keys)
+            except ReplicaError as exc:
+                r.close()
+                if "in use" in str(exc):
+                    raise VolumeError(str(exc)) from None
+                r.mark(FAULTED, str(exc).split(": ", 1)[-1])
+        tree = choose_current(replicas, loaded, header.k, header.n, quorum)
+        for r, result in loaded.items():
+            if r.state == ONLINE:
+                if writable:
+                    r.open_log(result.log_end)
+                r.start_worker()
+        volume = cls(replicas, keys, tree, options)
+        volume.log_bytes = max((res.log_end for res in loaded.values()), default=0)
+        return volume
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.close()
+
+    # ---- replica I/O through the workers ----
+
+    @property
+    def online(self) -> list[Replica]:
+        return [r for r in self.replicas if r.usable]
+
+    async def _run(self, calls: list[tuple[Replica, Callable[[], object]]], need: int) -> dict:
+        """Run one job per replica; return {replica: result} once `need` succeeded, all
+        answered, or the deadline passed (then the silent ones are marked FAULTED)."""
+        token = trio.lowlevel.current_trio_token()
+        send, recv = trio.open_memory_channel(math.inf)
+
+        def on_done(replica: Replica, result: object, error: BaseException | None) -> None:
+            try:
+                token.run_sync_soon(send.send_nowait, (replica, result, error))
+            except trio.RunFinishedError:
+                pass
+
+        for replica, job in calls:
+            replica.worker.submit(job, partial(on_done, replica))
+        results: dict[Replica, object] = {}
+        answered: set[Replica] = set()
+        with trio.move_on_after(self.options.deadline):
+            while len(answered) < len(calls) and len(results) < need:
+                replica, result, error = await recv.receive()
+                answered.add(replica)
+                if error is None:
+                    results[replica] = result
+                else:
+                    self._fault(replica, f"{type(error).__name__}: {error}")
+        if len(results) < need:
+            for replica, _ in calls:
+                if replica not in answered:
+                    self._fault(replica, f"no answer within {self.options.deadline:g}s")
+        return results
+
+    def _fault(self, replica: Replica, reason: str) -> None:
+        if replica.state == ONLINE:
+            log.warning("replica %s faulted: %s", replica.path, reason)
+        replica.mark(FAULTED, reason)
+
+    # ---- commit: the only way anything reaches the replicas ----
+
+    async def commit(self, ops: list[dict], inos: Iterable[int] = ()) -> None:
+        """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
+        if self.suspended:
+            raise fail(errno.EIO, self.suspended)
+        seq = self.tree.seq + 1
+        slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
+        write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
+        ops = self._blame_ops() + write_ops + ops
+        if not ops:
+            return
+        sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, seq, encode_ops(ops))
+        record = format.pack_record(seq, sealed)
+        targets = self.online
+        done = await self._run([(r, partial(r.commit, slots[r.index], record)) for r in targets],
+                               self.quorum)
+        self.stats["commits"] += 1
+        if len(done) < self.quorum:
+            self.suspended = (f"write quorum lost at record {seq}: {len(done)} of the needed "
+                              f"{self.quorum} replicas answered")
+            log.error("%s; further changes fail with EIO until remount", self.suspended)
+            self._requeue_inflight([op["ino"] for op in write_ops])
+            raise fail(errno.EIO, self.suspended)
+        self.tree.apply(seq, ops)
+        self._settle_inflight([op["ino"] for op in write_ops])
+        self.log_bytes += len(record)
+        if self.log_bytes > self.options.snapshot_log_bytes:
+            await self.snapshot()
+
+    def _blame_ops(self) -> list[dict]:
+        return [{"op": "blame", "replica": r.index, "reason": r.reason}
+                for r in self.replicas
+                if r.header and r.state in (FAULTED, STALE) and r.index not in self.tree.blame]
+
+    def _encode_dirty(self, ino: int, seq: int, slots: list[list]) -> dict:
+        """Seal and FEC-encode an inode's dirty blocks for generation seq into per-replica slots."""
+        node = self.tree.inodes[ino]
+        blocks = self.dirty.pop(ino)
+        inflight = self.inflight.setdefault(ino, {})
+        packed = []
+        for index in sorted(blocks):
+            data = bytes(blocks[index])
+            inflight[index] = data
+            old = node.blocks[index] if index < len(node.blocks) else HOLE
+            slot = 1 - entry_slot(old) if old != HOLE else 0
+            offset = format.slot_offset(index, slot, self.slot_size)
+            for i, (checksum, share) in enumerate(codec.encode_block(
+                    self.keys, self.volume_id, self.k, self.n, ino, index, seq, data)):
+                slots[i].append((ino, offset, format.pack_slot(seq, checksum, share)))
+            packed.append(index << 1 | slot)
+        return {"op": "write", "ino": ino, "blocks": packed,
+                "size": self.pending_size.get(ino, node.size), "mtime": time.time_ns()}
+
+    def _settle_inflight(self, inos: list[int]) -> None:
+        for ino in inos:
+            for index, data in self.inflight.pop(ino, {}).items():
+                self._cache_put(ino, index, data)
+            if ino not in self.dirty:
+                self.pending_size.pop(ino, None)
+
+    def _requeue_inflight(self, inos: list[int]) -> None:
+        for ino in inos:
+            dirty = self.dirty.setdefault(ino, {})
+            for index, data in self.inflight.pop(ino, {}).items():
+                dirty.setdefault(index, bytearray(data))
+
+    async def snapshot(self) -> None:
+        """Write the whole tree to every online replica and empty their logs."""
+        sealed = seal_snapshot(self.keys, self.volume_id, self.tree)
+        targets = self.online
+        await self._run([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))
+                         for r in targets], len(targets))
+        self.log_bytes = 0
+
+    # ---- reading blocks ----
+
+    def _cache_put(self, ino: int, index: int, data: bytes) -> None:
+        self.cache[(ino, index)] = data
+        self.cache.move_to_end((ino, index))
+        while len(self.cache) * self.block_size > self.options.cache_bytes:
+            self.cache.popitem(last=False)
+
+    async def read_block(self, node: Inode, index: int) -> bytes:
+        """Current content of one block: buffered, in flight, cached, or from the replicas."""
+        ino = node.ino
+        buf = self.dirty.get(ino, {}).get(index)
+        if buf is not None:
+            return bytes(buf)
+        data = self.inflight.get(ino, {}).get(index)
+        if data is not None:
+            return data
+        data = self.cache.get((ino, index))
+        if data is not None:
+            self.cache.move_to_end((ino, index))
+            return data
+        entry = node.blocks[index] if index < len(node.blocks) else HOLE
+        if entry == HOLE:
+            return self._zero
+        data = await self._fetch_block(ino, index, entry_gen(entry), entry_slot(entry))
+        self._cache_put(ino, index, data)
+        return data
+
+    async def _fetch_block(self, ino: int, index: int, gen: int, slot: int) -> bytes:
+        """Read shares from the least busy online replicas, verify each, decode from k good ones."""
+        candidates = sorted(self.online, key=lambda r: r.worker.pending)
+        shares: dict[int, bytes] = {}
+        while len(shares) < self.k and candidates:
+            batch, candidates = candidates[:self.k - len(shares)], candidates[self.k - len(shares):]
+            results = await self._run(
+                [(r, partial(r.read_slot, ino, index, slot, self.slot_size)) for r in batch],
+                len(batch))
+            for r, raw in results.items():
+                share = self._verify_share(r, ino, index, gen, raw)
+                if share is not None:
+                    shares[r.index] = share
+        if len(shares) < self.k:
+            raise fail(errno.EIO, f"block {index} of inode {ino}: fewer than k={self.k} good shares")
+        try:
+            return codec.decode_block(self.keys, self.volume_id, self.k, self.n, ino, index, gen,
+                                      shares, self.block_size)
+        except codec.CodecError as exc:
+            log.error("inode %d block %d: shares verified but block does not decrypt: %s",
+                      ino, index, exc)
+            raise fail(errno.EIO) from None
+
+    def _verify_share(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
+        got_gen, checksum, share = format.unpack_slot(raw)
+        expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen, r.index, share)
+        if got_gen == gen and checksum == expected:
+            return share
+        r.counters.checksum += 1
+        self.bad_shares.add((r.index, ino, index))
+        log.warning("replica %s: bad share for inode %d block %d (needs scrub)", r.path, ino, index)
+        return None
+
+    # ---- file data ----
+
+    def size_of(self, node: Inode) -> int:
+        return self.pending_size.get(node.ino, node.size)
+
+    async def read(self, ino: int, offset: int, length: int) -> bytes:
+        node = self.tree.inodes[ino]
+        end = min(offset + length, self.size_of(node))
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        parts = []
+        for index in range(offset // bs, (end - 1) // bs + 1):
+            block = await self.read_block(node, index)
+            lo = max(offset - index * bs, 0)
+            hi = min(end - index * bs, bs)
+            parts.append(block[lo:hi])
+        return b"".join(parts)
+
+    async def _dirty_block(self, node: Inode, index: int) -> bytearray:
+        blocks = self.dirty.setdefault(node.ino, {})
+        buf = blocks.get(index)
+        if buf is None:
+            old = await self.read_block(node, index)
+            blocks = self.dirty.setdefault(node.ino, {})  # a commit may have run meanwhile
+            buf = blocks.setdefault(index, bytearray(old))
+        return buf
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        node = self.tree.inodes[ino]
+        bs = self.block_size
+        pos = 0
+        while pos < len(data):
+            index, lo = divmod(offset + pos, bs)
+            take = min(bs - lo, len(data) - pos)
+            if take == bs:
+                self.dirty.setdefault(ino, {})[index] = bytearray(data[pos:pos + bs])
+            else:
+                buf = await self._dirty_block(node, index)
+                buf[lo:lo + take] = data[pos:pos + take]
+            pos += take
+        self.pending_size[ino] = max(self.size_of(node), offset + len(data))
+        if sum(map(len, self.dirty.values())) * bs > self.options.dirty_bytes:
+            await self.sync(ino)
+        return len(data)
+
+    async def sync(self, ino: int | None = None) -> None:
+        """Commit buffered writes of one inode (fsync) or of all (periodic flush, unmount)."""
+        async with self.lock:
+            if self.suspended:
+                raise fail(errno.EIO, self.suspended)
+            inos = [ino] if ino is not None else list(self.dirty)
+            await self.commit([], [i for i in inos if i in self.tree.inodes])
+
+    # ---- namespace ----
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        node = self._dir(parent)
+        if name == b".":
+            return node
+        child = self.tree.child(parent, name)
+        if child is None:
+            raise fail(errno.ENOENT)
+        return child
+
+    def _dir(self, ino: int) -> Inode:
+        node = self.tree.inodes.get(ino)
+        if node is None:
+            raise fail(errno.ENOENT)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR)
+        return node
+
+    def _new_name(self, parent: int, name: bytes) -> Inode:
+        node = self._dir(parent)
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if name in node.entries:
+            raise fail(errno.EEXIST)
+        return node
+
+    async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                    rdev: int = 0, target: bytes = b"") -> Inode:
+        """Create a file, directory, symlink, socket, FIFO or device node."""
+        async with self.lock:
+            self._new_name(parent, name)
+            ino = self.tree.next_ino
+            op = {"op": "mknod", "ino": ino, "parent": parent, "name": _j(name), "mode": mode,
+                  "uid": uid, "gid": gid, "rdev": rdev, "time": time.time_ns()}
+            if target:
+                op["target"] = _j(target)
+            await self.commit([op])
+            return self.tree.inodes[ino]
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        async with self.lock:
+            self._new_name(parent, name)
+            node = self.tree.inodes[ino]
+            if node.is_dir:
+                raise fail(errno.EPERM)
+            await self.commit([{"op": "link", "ino": ino, "parent": parent, "name": _j(name),
+                                "time": time.time_ns()}])
+            return node
+
+    async def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
+        async with self.lock:
+            node = self.lookup(parent, name)
+            if want_dir:
+                if not node.is_dir:
+                    raise fail(errno.ENOTDIR)
+                if node.entries:
+                    raise fail(errno.ENOTEMPTY)
+            elif node.is_dir:
+                raise fail(errno.EISDIR)
+            await self.commit([{"op": "unlink", "parent": parent, "name": _j(name),
+                                "time": time.time_ns()}])
+            await self._free_if_unused(node)
+
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+                     noreplace: bool = False) -> None:
+        async with self.lock:
+            node = self.lookup(parent, name)
+            self._dir(new_parent)
+            if len(new_name) > NAME_MAX:
+                raise fail(errno.ENAMETOOLONG)
+            target = self.tree.child(new_parent, new_name)
+            if target is not None:
+                if noreplace:
+                    raise fail(errno.EEXIST)
+                if target.ino == node.ino:
+                    return
+                if node.is_dir and not target.is_dir:
+                    raise fail(errno.ENOTDIR)
+                if target.is_dir and not node.is_dir:
+                    raise fail(errno.EISDIR)
+                if target.is_dir and target.entries:
+                    raise fail(errno.ENOTEMPTY)
+            if node.is_dir and self._is_ancestor(node.ino, new_parent):
+                raise fail(errno.EINVAL)
+            # The renamed file's buffered data goes in the same record (like ext4's
+            # auto_da_alloc), so "write new file, rename over old" never yields a hole.
+            await self.commit([{"op": "rename", "parent": parent, "name": _j(name),
+                                "new_parent": new_parent, "new_name": _j(new_name),
+                                "time": time.time_ns()}], [node.ino])
+            if target is not None:
+                await self._free_if_unused(target)
+
+    def _is_ancestor(self, ino: int, descendant: int) -> bool:
+        """True if `descendant` is `ino` or lies below it."""
+        if ino == descendant:
+            return True
+        stack = [ino]
+        while stack:
+            for child in self.tree.inodes[stack.pop()].entries.values():
+                if child == descendant:
+                    return True
+                if self.tree.inodes[child].is_dir:
+                    stack.append(child)
+        return False
+
+    async def setattr(self, ino: int, **changes: int) -> Inode:
+        """Change mode, uid, gid, size, atime or mtime (whichever are given)."""
+        async with self.lock:
+            node = self.tree.inodes[ino]
+            op = {"op": "setattr", "ino": ino, "ctime": time.time_ns()}
+            op.update({k: v for k, v in changes.items() if v is not None})
+            if "size" in op:
+                if not node.is_reg:
+                    raise fail(errno.EISDIR if node.is_dir else errno.EINVAL)
+                await self._truncate_buffers(node, op["size"])
+                op.setdefault("mtime", op["ctime"])
+            await self.commit([op], [ino])
+            if "size" in op:
+                self._reclaim_beyond_end(node)
+            return node
+
+    async def _truncate_buffers(self, node: Inode, size: int) -> None:
+        """Drop buffered and cached blocks past the new end; zero the tail of the last one."""
+        bs = self.block_size
+        keep = -(-size // bs)
+        for table in (self.dirty.get(node.ino, {}), self.inflight.get(node.ino, {})):
+            for index in [i for i in table if i >= keep]:
+                del table[index]
+        for key in [key for key in self.cache if key[0] == node.ino and key[1] >= keep]:
+            del self.cache[key]
+        if size % bs and size < self.size_of(node):
+            buf = await self._dirty_block(node, size // bs)
+            buf[size % bs:] = bytes(bs - size % bs)
+            self.cache.pop((node.ino, size // bs), None)
+        self.pending_size[node.ino] = size
+
+    def _reclaim_beyond_end(self, node: Inode) -> None:
+        blocks = len(node.blocks)
+        for r in self.online:
+            r.worker.submit(partial(r.truncate_data, node.ino, blocks, self.slot_size),
+                            lambda result, error: None)
+
+    # ---- open files and freeing ----
+
+    def opened(self, ino: int) -> None:
+        self.open_count[ino] = self.open_count.get(ino, 0) + 1
+
+    async def released(self, ino: int) -> None:
+        left = self.open_count.get(ino, 0) - 1
+        if left > 0:
+            self.open_count[ino] = left
+            return
+        self.open_count.pop(ino, None)
+        node = self.tree.inodes.get(ino)
+        if node is not None and node.nlink == 0:
+            async with self.lock:
+                await self._free_if_unused(node)
+        elif ino in self.dirty:
+            await self.sync(ino)
+
+    async def _free_if_unused(self, node: Inode) -> None:
+        """Forget an inode no name and no open file refers to any more.  Caller holds the lock."""
+        if node.nlink > 0 or self.open_count.get(node.ino) or node.ino not in self.tree.inodes:
+            return
+        for table in (self.dirty, self.inflight, self.pending_size):
+            table.pop(node.ino, None)
+        await self.commit([{"op": "free", "ino": node.ino}])
+        for key in [key for key in self.cache if key[0] == node.ino]:
+            del self.cache[key]
+        if node.is_reg:
+            for r in self.online:
+                r.worker.submit(partial(r.remove_data, node.ino), lambda result, error: None)
+
+    async def free_orphans(self) -> None:
+        """After a crash nothing is open: forget inodes whose last name was removed."""
+        async with self.lock:
+            for ino in self.tree.orphans():
+                await self._free_if_unused(self.tree.inodes[ino])
+
+    # ---- volume-wide ----
+
+    def statfs(self) -> tuple[int, int]:
+        """(total, free) logical bytes: limited by the fullest replica; shares are 1/k of a block."""
+        sizes = []
+        for r in self.online:
+            try:
+                st = os.statvfs(r.path)
+            except OSError:
+                continue
+            sizes.append((st.f_blocks * st.f_frsize * self.k, st.f_bavail * st.f_frsize * self.k))
+        return min(sizes, default=(0, 0), key=lambda s: s[1])
+
+    def status(self) -> dict:
+        healthy = all(r.state == ONLINE for r in self.replicas)
+        state = "SUSPENDED" if self.suspended else ("ONLINE" if healthy else "DEGRADED")
+        return {"volume": self.volume_id.hex(), "state": state, "reason": self.suspended,
+                "k": self.k, "n": self.n, "quorum": self.quorum, "record": self.tree.seq,
+                "blamed": {str(i): why for i, why in self.tree.blame.items()},
+                "bad_shares": len(self.bad_shares), "stats": dict(self.stats),
+                "replicas": [r.status() for r in self.replicas]}
+
