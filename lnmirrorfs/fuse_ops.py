@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import stat
+from dataclasses import dataclass
 
 import pyfuse3
 
@@ -37,6 +38,12 @@ def _guard(handler):
     return wrapper
 
 
+@dataclass
+class FileHandle:
+    ino: int
+    wrote: bool = False
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -45,7 +52,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.volume = volume
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
-        self._next_dir_handle = itertools.count(1)
+        self._file_handles: dict[int, FileHandle] = {}
+        self._next_handle = itertools.count(1)
 
     def _node(self, ino: int) -> Inode:
         node = self.volume.tree.inodes.get(ino)
@@ -131,8 +139,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         mode = stat.S_IFREG | stat.S_IMODE(mode)
         node = await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self.volume.opened(node.ino)
-        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attr(node)
+        return self._open_handle(node.ino), self._attr(node)
 
     @_guard
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -160,31 +167,40 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.is_dir:
             raise fail(errno.EISDIR)
-        self.volume.opened(inode)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return self._open_handle(inode)
+
+    def _open_handle(self, ino: int) -> pyfuse3.FileInfo:
+        handle = next(self._next_handle)
+        self._file_handles[handle] = FileHandle(ino)
+        self.volume.opened(ino)
+        # keep_cache: we are the only writer, so the kernel's page cache stays valid.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @_guard
     async def read(self, fh, off, size):
-        return await self.volume.read(fh, off, size)
+        return await self.volume.read(self._file_handles[fh].ino, off, size)
 
     @_guard
     async def write(self, fh, off, buf):
-        return await self.volume.write(fh, off, buf)
+        handle = self._file_handles[fh]
+        handle.wrote = True
+        return await self.volume.write(handle.ino, off, buf)
 
     @_guard
     async def flush(self, fh):
-        # close() makes the data durable: a crash after a clean close loses nothing.
-        if fh in self.volume.dirty:
-            await self.volume.sync(fh)
+        # close() after writing makes the data durable: a crash after it loses nothing.
+        handle = self._file_handles[fh]
+        if handle.wrote and handle.ino in self.volume.dirty:
+            await self.volume.sync(handle.ino)
 
     @_guard
     async def fsync(self, fh, datasync):
-        await self.volume.sync(fh)
+        await self.volume.sync(self._file_handles[fh].ino)
         self.volume.stats["fsync"] += 1
 
     @_guard
     async def release(self, fh):
-        await self.volume.released(fh)
+        await self.volume.released(self._file_handles.pop(fh).ino)
 
     # ---- directories ----
 
@@ -193,7 +209,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not node.is_dir:
             raise fail(errno.ENOTDIR)
-        handle = next(self._next_dir_handle)
+        handle = next(self._next_handle)
         self._dir_handles[handle] = sorted(node.entries.items())
         return handle
 

@@ -33,6 +33,10 @@ class ReplicaError(Exception):
     """A replica cannot be used; the message says why in one line."""
 
 
+class ReplicaInUse(ReplicaError):
+    """Another process holds the replica's lock."""
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -127,6 +131,7 @@ class Replica:
         os.mkdir(replica.meta_path, 0o700)
         os.mkdir(replica.data_path, 0o700)
         replica.write_snapshot(keys, tree)
+        os.close(os.open(os.path.join(path, format.LOCK_NAME), os.O_WRONLY | os.O_CREAT, 0o600))
         write_file_durably(os.path.join(path, format.HEADER_NAME), header.pack(), 0o400)
         return replica
 
@@ -169,13 +174,19 @@ class Replica:
         return self.state == ONLINE
 
     def lock(self) -> None:
-        """Take the replica's exclusive lock: one writer (mount or offline tool) at a time."""
-        fd = os.open(os.path.join(self.path, format.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        """Take the replica's exclusive lock: one writer (mount or offline tool) at a time.
+
+        The lock file is opened read-only so a read-only replica can still be locked."""
+        path = os.path.join(self.path, format.LOCK_NAME)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ReplicaError(f"{self.path}: cannot open lock file: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ReplicaError(f"{self.path}: replica is in use by a mount or another lnmirror "
+            raise ReplicaInUse(f"{self.path}: replica is in use by a mount or another lnmirror "
                                "command") from None
         self._lock_fd = fd
 
@@ -200,8 +211,9 @@ class Replica:
 
     # ---- metadata ----
 
-    def load(self, keys: codec.Keys) -> Loaded:
-        """Rebuild this replica's tree from its snapshot and log; a torn or forged tail ends it."""
+    def load(self, keys: codec.Keys, upto: int | None = None) -> Loaded:
+        """Rebuild this replica's tree from its snapshot and log (up to record `upto`);
+        a torn or forged record ends the log there."""
         vol = self.header.volume_id
         try:
             with open(os.path.join(self.meta_path, format.SNAPSHOT_NAME), "rb") as f:
@@ -213,6 +225,8 @@ class Replica:
             raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
         log_end, count = 0, 0
         for seq, sealed, end in format.iter_records(raw):
+            if upto is not None and seq > upto:
+                break
             if seq <= tree.seq:
                 log_end = end  # already in the snapshot (crash between snapshot and log reset)
                 continue

@@ -26,7 +26,7 @@ from functools import partial
 import trio
 
 from . import codec, format
-from .replica import FAULTED, MISSING, ONLINE, STALE, Replica, ReplicaError, seal_snapshot
+from .replica import FAULTED, MISSING, ONLINE, STALE, Replica, ReplicaError, ReplicaInUse, seal_snapshot
 from .tree import HOLE, Inode, Tree, encode_ops, entry_gen, entry_slot
 from .tree import name_to_json as _j
 
@@ -102,28 +102,42 @@ def tree_digest(tree: Tree) -> bytes:
     return hashlib.blake2b(tree.dump(), digest_size=16).digest()
 
 
-def choose_current(replicas: list[Replica], loaded: dict, k: int, n: int, quorum: int) -> Tree:
-    """Pick the tree to serve and mark replicas that are behind it STALE.
+def latest_possibly_acknowledged(seqs: list[int], n: int, quorum: int) -> int:
+    """The highest record that W replicas may hold, counting every missing one as a holder.
 
-    An acknowledged record is on at least W replicas, so with more than n - W replicas
-    loaded at least one of them holds every acknowledged record."""
+    Records above it are on fewer than W replicas even if all missing ones had them: they
+    were never acknowledged, so serving the state just below them loses nothing."""
+    missing = n - len(seqs)
+    return max(s for s in seqs if sum(1 for t in seqs if t >= s) + missing >= quorum)
+
+
+def choose_current(replicas: list[Replica], loaded: dict, keys: codec.Keys, k: int, n: int,
+                   quorum: int) -> Tree:
+    """Pick the tree to serve, roll back never-acknowledged records, mark laggards STALE.
+
+    With more than n - W replicas loaded, at least one of them holds every acknowledged
+    record; with fewer, nothing proves the newest state here is the latest one."""
     need_present = n - quorum + 1
     if len(loaded) < need_present:
         missing = [f"{r.path} ({r.reason})" for r in replicas if r not in loaded]
         raise VolumeError(f"only {len(loaded)} of {n} replicas readable, need {need_present} to "
                           f"prove the latest state; missing: {', '.join(missing) or 'unnamed'}")
-    newest = max(result.tree.seq for result in loaded.values())
-    current = [r for r, result in loaded.items() if result.tree.seq == newest]
+    serve = latest_possibly_acknowledged([res.tree.seq for res in loaded.values()], n, quorum)
+    current = [r for r, res in loaded.items() if res.tree.seq >= serve]
     if len(current) < k:
-        raise VolumeError(f"latest state (record {newest}) is on {len(current)} replica(s), "
-                          f"need k={k} to decode it")
+        raise VolumeError(f"record {serve} may have been acknowledged but only {len(current)} "
+                          f"readable replica(s) hold it, need k={k}: add the missing replicas")
+    for r in current:
+        if loaded[r].tree.seq > serve:  # holds records no quorum ever acknowledged
+            log.warning("replica %s: rolling back unacknowledged records after %d", r.path, serve)
+            loaded[r] = r.load(keys, upto=serve)
     digests = {r.path: tree_digest(loaded[r].tree) for r in current}
     if len(set(digests.values())) > 1:
         raise VolumeError("split brain: replicas " + ", ".join(digests) +
-                          f" hold different states at record {newest}; run lnmirror scrub")
-    for r, result in loaded.items():
-        if result.tree.seq < newest:
-            r.mark(STALE, f"behind: at record {result.tree.seq} of {newest}")
+                          f" hold different states at record {serve}; run lnmirror scrub")
+    for r, res in loaded.items():
+        if res.tree.seq < serve:
+            r.mark(STALE, f"behind: at record {res.tree.seq} of {serve}")
     return loaded[current[0]].tree
 
 
@@ -171,17 +185,22 @@ class Volume:
             try:
                 r.lock()
                 loaded[r] = r.load(keys)
+            except ReplicaInUse as exc:
+                raise VolumeError(str(exc)) from None
             except ReplicaError as exc:
                 r.close()
-                if "in use" in str(exc):
-                    raise VolumeError(str(exc)) from None
                 r.mark(FAULTED, str(exc).split(": ", 1)[-1])
-        tree = choose_current(replicas, loaded, header.k, header.n, quorum)
+        tree = choose_current(replicas, loaded, keys, header.k, header.n, quorum)
         for r, result in loaded.items():
-            if r.state == ONLINE:
+            if r.state != ONLINE:
+                continue
+            try:
                 if writable:
                     r.open_log(result.log_end)
-                r.start_worker()
+            except OSError as exc:
+                r.mark(FAULTED, f"cannot open log for writing: {exc.strerror}")
+                continue
+            r.start_worker()
         volume = cls(replicas, keys, tree, options)
         volume.log_bytes = max((res.log_end for res in loaded.values()), default=0)
         return volume

@@ -1,0 +1,111 @@
+"""Replica faults on a live mount: a full disk, a read-only or vanished replica, lost quorum.
+
+The workload keeps going while W replicas answer, fails with EIO when they do not, the
+mount never dies, and status names the faulted replica."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+
+import pytest
+import workload
+
+
+def run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def mounts_to_undo():
+    """System mounts (tmpfs, read-only binds) a test makes, undone in reverse order."""
+    made: list[str] = []
+    yield made
+    for path in reversed(made):
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def replica_states(m) -> dict[str, str]:
+    return {r["path"]: r["state"] for r in json.loads(m.status("--json").stdout)["replicas"]}
+
+
+def test_full_replica_faults_and_workload_continues(make_vol, tmp_path, mounts_to_undo):
+    small = tmp_path / "small"
+    small.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(small))
+    mounts_to_undo.append(str(small))
+    (small / "r").mkdir()
+    v = make_vol(n=3, k=1, replica_paths=[tmp_path / "a", tmp_path / "b", small / "r"])
+    m = v.mount()
+    workload.run(str(m.path), 150)  # ~250 KiB of database pages per replica: fills 600k
+    big = m.path / "blob"
+    big.write_bytes(os.urandom(1 << 20))
+    os.sync()
+    states = replica_states(m)
+    assert states[str(small / "r")] == "FAULTED"
+    assert states[str(tmp_path / "a")] == states[str(tmp_path / "b")] == "ONLINE"
+    assert m.status().returncode != 0
+    assert "FAULTED" in m.status().stdout
+    assert workload.check_db(str(m.path)) == 150
+    assert m.unmount() == 0
+    v.restore(tmp_path / "out", replicas=v.replicas[:2])
+    assert workload.check_db(str(tmp_path / "out")) == 150
+
+
+def test_read_only_replica_mounts_degraded(make_vol, tmp_path, mounts_to_undo):
+    v = make_vol(n=3, k=1)
+    ro = str(v.replicas[2])
+    run("mount", "--bind", ro, ro)
+    mounts_to_undo.append(ro)
+    run("mount", "-o", "remount,bind,ro", ro)
+    m = v.mount()
+    assert "degraded" in m.output()
+    workload.run(str(m.path), 20)
+    assert replica_states(m)[ro] == "FAULTED"
+    assert m.unmount() == 0
+
+
+def test_vanished_replica_faults_and_stays_stale(make_vol, tmp_path):
+    v = make_vol(n=3, k=1)
+    m = v.mount()
+    workload.run(str(m.path), 10)
+    gone = v.replicas[2].with_name("gone")
+    os.rename(v.replicas[2], gone)
+    workload.run(str(m.path), 10)
+    assert replica_states(m)[str(v.replicas[2])] == "FAULTED"
+    assert m.unmount() == 0
+    os.rename(gone, v.replicas[2])
+    # Back in place it holds an older state: it must be marked STALE, never served.
+    m = v.mount()
+    assert replica_states(m)[str(v.replicas[2])] == "STALE"
+    assert workload.check_db(str(m.path)) == 20
+    assert m.unmount() == 0
+    # Alone, or with too few others, it cannot prove it is current: refused.
+    refused = v.restore(v.root / "out", replicas=[v.replicas[2]], check=False)
+    assert refused.returncode != 0 and "need 2" in refused.stderr
+    v.restore(v.root / "out2", replicas=[v.replicas[0], v.replicas[2]])
+    assert workload.check_db(str(v.root / "out2")) == 20
+
+
+def test_lost_quorum_gives_eio_and_mount_survives(make_vol, tmp_path, mounts_to_undo):
+    v = make_vol(n=2, k=1)  # W = 2: both replicas must answer
+    m = v.mount()
+    (m.path / "kept").write_text("acknowledged")
+    os.rename(v.replicas[1], v.replicas[1].with_name("away"))
+    with pytest.raises(OSError) as exc:
+        with open(m.path / "kept", "a") as f:
+            f.write("more")
+            f.flush()
+            os.fsync(f.fileno())
+    assert exc.value.errno == errno.EIO
+    # Later changes fail fast with EIO; reads and stat keep working; the mount is alive.
+    with pytest.raises(OSError) as exc:
+        os.mkdir(m.path / "dir")
+    assert exc.value.errno == errno.EIO
+    assert (m.path / "kept").read_text().startswith("acknowledged")
+    status = json.loads(m.status("--json").stdout)
+    assert status["state"] == "SUSPENDED"
+    assert m.proc.poll() is None
+    m.kill()
