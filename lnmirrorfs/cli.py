@@ -17,7 +17,7 @@ import time
 
 import trio
 
-from . import codec, control, format
+from . import codec, control, format, scrub
 from .replica import Replica, ReplicaError
 from .restore import RestoreError, restore_tree
 from .tree import Tree
@@ -246,6 +246,81 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- lnmirror scrub / replace
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    request = {"cmd": "scrub", "dry_run": args.dry_run, "rate": args.rate}
+    report = _heal(args, request, lambda volume, progress: scrub.scrub(
+        volume, args.dry_run, args.rate, progress), writable=not args.dry_run)
+    return _print_report(args, report)
+
+
+def cmd_replace(args: argparse.Namespace) -> int:
+    request = {"cmd": "replace", "old": os.path.abspath(args.old), "new": os.path.abspath(args.new)}
+
+    async def replace_offline(volume: Volume, progress) -> scrub.Report:
+        scrub.attach_replacement(volume, args.old, args.new)
+        return await scrub.scrub(volume, progress=progress)
+
+    if args.replica:  # the dead replica itself need not (cannot) be opened
+        old = os.path.realpath(args.old)
+        args.replica = [r for r in args.replica if os.path.realpath(r) != old]
+    return _print_report(args, _heal(args, request, replace_offline))
+
+
+def _heal(args: argparse.Namespace, request: dict, offline, writable: bool = True) -> dict:
+    """Ask the live mount to do it, or open the replicas (locked) and do it here."""
+    if args.mountpoint:
+        try:
+            reply = control.request(control.socket_path(args.mountpoint), request, timeout=None)
+        except OSError:
+            raise CliError(f"no lnmirrorfs mount is serving {args.mountpoint}") from None
+        if "error" in reply:
+            raise CliError(reply["error"])
+        return reply
+    if not args.replica:
+        raise CliError("give a MOUNTPOINT or --replica directories")
+    volume = open_volume(args.replica, args.key_file, volume_options(args), writable=writable)
+    try:
+        progress = _progress_bar() if sys.stderr.isatty() else None
+        try:
+            return trio.run(offline, volume, progress).as_dict()
+        except VolumeError as exc:
+            raise CliError(str(exc)) from None
+    finally:
+        volume.close()
+
+
+def _progress_bar():
+    started = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate else 0
+        print(f"\rscrub: {done}/{total} blocks ({100 * done // max(total, 1)}%), "
+              f"{rate:.0f} blocks/s, ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
+    return show
+
+
+def _print_report(args: argparse.Namespace, report: dict) -> int:
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"scrub {report['result']}: {report['blocks']} blocks, {report['shares_checked']} "
+              f"shares checked in {report['seconds']}s; {report['bad_shares']} bad shares, "
+              f"{report['repaired_shares']} shares rewritten, {report['extra_files']} stray files")
+        for path in report["healed_replicas"]:
+            print(f"  healed replica {path}")
+        for path in report["metadata_repaired"]:
+            print(f"  metadata rewritten on {path}")
+        for problem in report["unrepairable"]:
+            print(f"  UNREPAIRABLE: {problem}")
+    return scrub.Report.exit_code_for(report["result"])
+
+
 # ---------------------------------------------------------------- lnmirror main
 
 def lnmirror_parser() -> argparse.ArgumentParser:
@@ -277,6 +352,23 @@ def lnmirror_parser() -> argparse.ArgumentParser:
     _replica_args(restore, required=True)
     restore.add_argument("target")
     restore.set_defaults(func=cmd_restore)
+
+    scrub_p = sub.add_parser("scrub", help="verify every share and heal (exit 0 clean, 1 repaired, "
+                                           "2 unrepairable)")
+    scrub_p.add_argument("mountpoint", nargs="?")
+    _replica_args(scrub_p, required=False)
+    scrub_p.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    scrub_p.add_argument("--rate", type=float, metavar="MB/S", help="read at most this fast")
+    scrub_p.add_argument("--json", action="store_true")
+    scrub_p.set_defaults(func=cmd_scrub)
+
+    replace = sub.add_parser("replace", help="resilver an empty directory in place of a dead replica")
+    replace.add_argument("--mountpoint", help="the live mount to replace it in")
+    _replica_args(replace, required=False)
+    replace.add_argument("old")
+    replace.add_argument("new")
+    replace.add_argument("--json", action="store_true")
+    replace.set_defaults(func=cmd_replace)
     return p
 
 

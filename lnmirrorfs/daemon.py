@@ -9,7 +9,7 @@ import signal
 import pyfuse3
 import trio
 
-from . import control
+from . import control, scrub
 from .fuse_ops import Operations, mount_options
 from .volume import Volume
 
@@ -38,9 +38,16 @@ async def _on_signals() -> None:
 
 def _control_handler(volume: Volume):
     async def handle(request: dict) -> dict:
-        if request.get("cmd") == "status":
+        command = request.get("cmd")
+        if command == "status":
             return volume.status()
-        return {"error": f"unknown command {request.get('cmd')!r}"}
+        if command == "scrub":
+            report = await scrub.scrub(volume, bool(request.get("dry_run")), request.get("rate"))
+            return report.as_dict()
+        if command == "replace":
+            scrub.attach_replacement(volume, request["old"], request["new"])
+            return (await scrub.scrub(volume)).as_dict()
+        return {"error": f"unknown command {command!r}"}
     return handle
 
 
@@ -52,11 +59,13 @@ async def _main(volume: Volume, control_path: str) -> None:
         nursery.start_soon(_on_signals)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    if volume.dirty and not volume.suspended:
+    if volume.suspended:
+        return
+    if volume.dirty:
         await volume.sync()
+    await volume.record_errors()
     async with volume.lock:
-        if not volume.suspended:
-            await volume.snapshot()
+        await volume.snapshot()
 
 
 def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_path: str,

@@ -283,25 +283,31 @@ class Replica:
             os.close(self._data_fds.popitem(last=False)[1])
         return fd, created
 
+    def write_slots(self, slots: list[tuple[int, int, bytes]]) -> None:
+        """Write slots (file id, offset, bytes) and make them durable, new files' names too."""
+        if not os.path.isdir(self.data_path):
+            raise OSError(errno.ENOENT, "replica directory vanished")
+        touched: dict[int, int] = {}
+        created = False
+        for file_id, offset, data in slots:
+            fd, new = self._data_fd(file_id, create=True)
+            created |= new
+            os.pwrite(fd, data, offset)
+            touched[file_id] = fd
+        for fd in touched.values():
+            os.fdatasync(fd)
+        if created:
+            fsync_dir(self.data_path)
+
     def commit(self, slots: list[tuple[int, int, bytes]], record: bytes) -> None:
-        """Write slots (file id, offset, bytes), make them durable, then append the log record.
+        """Write and sync the slots, then append the log record and sync the log.
 
         The record is the commit point: it is appended only after every slot it refers to
         is on disk, so a crash leaves either the old state or the new one on this replica.
         """
         try:
             self._check_online()
-            touched: dict[int, int] = {}
-            created = False
-            for file_id, offset, data in slots:
-                fd, new = self._data_fd(file_id, create=True)
-                created |= new
-                os.pwrite(fd, data, offset)
-                touched[file_id] = fd
-            for fd in touched.values():
-                os.fdatasync(fd)
-            if created:
-                fsync_dir(self.data_path)
+            self.write_slots(slots)
             os.write(self._log_fd, record)
             os.fdatasync(self._log_fd)
         except OSError as exc:
@@ -312,13 +318,24 @@ class Replica:
     def read_slot(self, file_id: int, block: int, slot: int, size: int) -> bytes:
         try:
             self._check_online()
-            fd, _ = self._data_fd(file_id, create=False)
-            if fd is None:
-                return b""
-            return os.pread(fd, size, format.slot_offset(block, slot, size))
+            return self.read_slots([(file_id, block, slot)], size)[0]
         except OSError:
             self.counters.read += 1
             raise
+
+    def read_slots(self, wanted: list[tuple[int, int, int]], size: int) -> list[bytes]:
+        """Raw slots (file id, block, slot); a missing file or slot reads as b''."""
+        out = []
+        for file_id, block, slot in wanted:
+            fd, _ = self._data_fd(file_id, create=False)
+            out.append(b"" if fd is None else os.pread(fd, size, format.slot_offset(block, slot, size)))
+        return out
+
+    def rejoin(self) -> None:
+        """Back in service after a heal gave it the current snapshot and an empty log."""
+        if self._log_fd is None:
+            self.open_log(os.path.getsize(self.log_path))
+        self.state, self.reason = ONLINE, ""
 
     def truncate_data(self, file_id: int, blocks: int, size: int) -> None:
         fd, _ = self._data_fd(file_id, create=False)

@@ -134,6 +134,8 @@ class Tree:
         self.next_ino = ROOT_INO + 1
         self.inodes: dict[int, Inode] = {}
         self.blame: dict[int, str] = {}
+        self.error_counts: dict[int, dict[str, int]] = {}  # per share index, across mounts
+        self.last_scrub: dict = {}
 
     @classmethod
     def new(cls, block_size: int, uid: int, gid: int, now_ns: int) -> Tree:
@@ -246,6 +248,12 @@ class Tree:
     def _op_absolve(self, seq: int, op: dict) -> None:
         self.blame.pop(op["replica"], None)
 
+    def _op_errors(self, seq: int, op: dict) -> None:
+        self.error_counts[op["replica"]] = op["counts"]
+
+    def _op_scrubbed(self, seq: int, op: dict) -> None:
+        self.last_scrub = op["report"]
+
     def _add_entry(self, parent: Inode, name: bytes, ino: int, now: int) -> None:
         parent.entries[name] = ino
         parent.mtime_ns = parent.ctime_ns = now
@@ -269,6 +277,8 @@ class Tree:
     def dump(self) -> bytes:
         doc = {"seq": self.seq, "next_ino": self.next_ino, "block_size": self.block_size,
                "blame": {str(k): v for k, v in self.blame.items()},
+               "errors": {str(k): v for k, v in self.error_counts.items()},
+               "last_scrub": self.last_scrub,
                "inodes": [n.to_json() for n in self.inodes.values()]}
         return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
 
@@ -280,6 +290,8 @@ class Tree:
             tree.seq = doc["seq"]
             tree.next_ino = doc["next_ino"]
             tree.blame = {int(k): v for k, v in doc["blame"].items()}
+            tree.error_counts = {int(k): v for k, v in doc["errors"].items()}
+            tree.last_scrub = doc["last_scrub"]
             for d in doc["inodes"]:
                 node = Inode.from_json(d)
                 tree.inodes[node.ino] = node

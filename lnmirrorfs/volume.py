@@ -26,7 +26,17 @@ from functools import partial
 import trio
 
 from . import codec, format
-from .replica import FAULTED, MISSING, ONLINE, STALE, Replica, ReplicaError, ReplicaInUse, seal_snapshot
+from .replica import (
+    FAULTED,
+    MISSING,
+    ONLINE,
+    STALE,
+    Counters,
+    Replica,
+    ReplicaError,
+    ReplicaInUse,
+    seal_snapshot,
+)
 from .tree import HOLE, Inode, Tree, encode_ops, entry_gen, entry_slot
 from .tree import name_to_json as _j
 
@@ -156,6 +166,7 @@ class Volume:
         self.slot_size = format.slot_size(self.block_size, self.k)
         self.quorum = options.quorum or default_quorum(self.k, self.n)
         self.suspended = ""                      # set when a commit missed quorum
+        self.writable = True
         self.lock = trio.Lock()                  # serializes check + commit + apply
         self.dirty: dict[int, dict[int, bytearray]] = {}
         self.inflight: dict[int, dict[int, bytes]] = {}
@@ -188,20 +199,21 @@ class Volume:
             except ReplicaInUse as exc:
                 raise VolumeError(str(exc)) from None
             except ReplicaError as exc:
-                r.close()
                 r.mark(FAULTED, str(exc).split(": ", 1)[-1])
         tree = choose_current(replicas, loaded, keys, header.k, header.n, quorum)
-        for r, result in loaded.items():
-            if r.state != ONLINE:
+        for r in replicas:
+            if r.header is None:
                 continue
-            try:
-                if writable:
-                    r.open_log(result.log_end)
-            except OSError as exc:
-                r.mark(FAULTED, f"cannot open log for writing: {exc.strerror}")
-                continue
+            # Every replica with a header gets a worker: scrub reads and heals the lagging ones.
             r.start_worker()
+            r.counters = Counters(**tree.error_counts.get(r.index, {}))
+            if r.state == ONLINE and writable:
+                try:
+                    r.open_log(loaded[r].log_end)
+                except OSError as exc:
+                    r.mark(FAULTED, f"cannot open log for writing: {exc.strerror}")
         volume = cls(replicas, keys, tree, options)
+        volume.writable = writable
         volume.log_bytes = max((res.log_end for res in loaded.values()), default=0)
         return volume
 
@@ -256,6 +268,8 @@ class Volume:
         """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
         if self.suspended:
             raise fail(errno.EIO, self.suspended)
+        if not self.writable:
+            raise fail(errno.EROFS, "volume opened read-only")
         seq = self.tree.seq + 1
         slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
         write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
@@ -376,15 +390,22 @@ class Volume:
                       ino, index, exc)
             raise fail(errno.EIO) from None
 
-    def _verify_share(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
+    def share_ok(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
+        """The share in a raw slot if it is the right generation and its checksum holds."""
         got_gen, checksum, share = format.unpack_slot(raw)
+        if got_gen != gen:
+            return None
         expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen, r.index, share)
-        if got_gen == gen and checksum == expected:
-            return share
-        r.counters.checksum += 1
-        self.bad_shares.add((r.index, ino, index))
-        log.warning("replica %s: bad share for inode %d block %d (needs scrub)", r.path, ino, index)
-        return None
+        return share if checksum == expected else None
+
+    def _verify_share(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
+        share = self.share_ok(r, ino, index, gen, raw)
+        if share is None:
+            r.counters.checksum += 1
+            self.bad_shares.add((r.index, ino, index))
+            log.warning("replica %s: bad share for inode %d block %d (needs scrub)",
+                        r.path, ino, index)
+        return share
 
     # ---- file data ----
 
@@ -622,6 +643,23 @@ class Volume:
 
     # ---- volume-wide ----
 
+    def path_of(self, ino: int) -> str:
+        """A name of an inode, for reports ("(unlinked)" if it has none)."""
+        for path, node in self.tree.walk():
+            if node.ino == ino:
+                return "/" + path.decode(errors="replace")
+        return f"(unlinked inode {ino})"
+
+    async def record_errors(self) -> None:
+        """Persist error counters that changed, so status shows them across mounts."""
+        zero = Counters().as_dict()
+        ops = [{"op": "errors", "replica": r.index, "counts": r.counters.as_dict()}
+               for r in self.replicas
+               if r.header and r.counters.as_dict() != self.tree.error_counts.get(r.index, zero)]
+        if ops:
+            async with self.lock:
+                await self.commit(ops)
+
     def statfs(self) -> tuple[int, int]:
         """(total, free) logical bytes: limited by the fullest replica; shares are 1/k of a block."""
         sizes = []
@@ -640,5 +678,6 @@ class Volume:
                 "k": self.k, "n": self.n, "quorum": self.quorum, "record": self.tree.seq,
                 "blamed": {str(i): why for i, why in self.tree.blame.items()},
                 "bad_shares": len(self.bad_shares), "stats": dict(self.stats),
+                "last_scrub": self.tree.last_scrub,
                 "replicas": [r.status() for r in self.replicas]}
 

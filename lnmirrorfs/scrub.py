@@ -1,0 +1,290 @@
+"""Scrubber: verify every share on every replica and heal what is stale, missing or corrupt.
+
+It runs inside whoever holds the replica set: the live mount (asked through the control
+socket) or `lnmirror scrub` on an unmounted volume (holding every replica's lock).  Either
+way it works under the volume's lock, one chunk of blocks at a time, so a commit never
+races a heal write (I5) and lightningd waits at most one chunk.
+
+Healing a share: decode the block's sealed bytes from k good shares and FEC-encode them
+again.  zfec is deterministic, so this yields exactly the lost share; it is written back
+into the same slot with the same generation.  A replica that missed records (STALE) or
+was FAULTED gets every share it lacks, then the current snapshot and an empty log, and
+rejoins: only then is its blame lifted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from . import codec, format
+from .replica import ONLINE, STALE, Replica, ReplicaError, seal_snapshot
+from .tree import HOLE, Tree, entry_gen, entry_slot
+from .volume import Volume, VolumeError, tree_digest
+
+log = logging.getLogger("lnmirrorfs.scrub")
+CHUNK_BLOCKS = 256
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Report:
+    blocks: int = 0
+    shares_checked: int = 0
+    bad_shares: int = 0
+    repaired_shares: int = 0
+    unrepairable: list[str] = field(default_factory=list)
+    healed_replicas: list[str] = field(default_factory=list)
+    metadata_repaired: list[str] = field(default_factory=list)
+    extra_files: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def result(self) -> str:
+        if self.unrepairable:
+            return "unrepairable"
+        if self.bad_shares or self.healed_replicas or self.metadata_repaired or self.extra_files:
+            return "found problems" if self.dry_run else "repaired"
+        return "clean"
+
+    @staticmethod
+    def exit_code_for(result: str) -> int:
+        return {"clean": 0, "repaired": 1, "found problems": 1}.get(result, 2)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["result"] = self.result
+        return d
+
+
+def _scrub_targets(volume: Volume) -> list[Replica]:
+    """Every replica with a readable header and a worker: online, stale and faulted ones."""
+    return [r for r in volume.replicas if r.header and r.worker]
+
+
+async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = None,
+                progress: Progress | None = None) -> Report:
+    report = Report(dry_run=dry_run)
+    started = time.monotonic()
+    start_seq = volume.tree.seq
+    targets = _scrub_targets(volume)
+    total = sum(len(n.blocks) for n in volume.tree.inodes.values() if n.is_reg)
+    done = 0
+    for ino in sorted(i for i, n in volume.tree.inodes.items() if n.is_reg):
+        first = 0
+        while True:
+            async with volume.lock:
+                node = volume.tree.inodes.get(ino)
+                if node is None or first >= len(node.blocks):
+                    break
+                wanted = [(b, node.blocks[b]) for b in range(first, min(first + CHUNK_BLOCKS,
+                                                                        len(node.blocks)))]
+                await _check_blocks(volume, ino, wanted, targets, report, dry_run)
+            first += CHUNK_BLOCKS
+            done += len(wanted)
+            if progress:
+                progress(done, total)
+            await _throttle(report.bytes_read, started, rate_mb)
+    async with volume.lock:
+        await _heal_lagging_replicas(volume, targets, start_seq, report, dry_run)
+        await _check_metadata(volume, targets, report, dry_run)
+        await _remove_extra_files(volume, targets, report, dry_run)
+        report.seconds = round(time.monotonic() - started, 3)
+        if not dry_run and not volume.suspended:
+            await volume.commit(_absolve_ops(volume) + [
+                {"op": "scrubbed", "report": _summary(report)}])
+    if not dry_run:
+        await volume.record_errors()
+    return report
+
+
+async def _throttle(bytes_read: int, started: float, rate_mb: float | None) -> None:
+    if rate_mb:
+        ahead = bytes_read / (rate_mb * 1e6) - (time.monotonic() - started)
+        if ahead > 0:
+            await trio.sleep(ahead)
+
+
+async def _check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
+                        targets: list[Replica], report: Report, dry_run: bool,
+                        only: set[Replica] | None = None) -> None:
+    """Verify the shares of some blocks of one inode on every target; rewrite the bad ones."""
+    wanted = [(b, e) for b, e in wanted if e != HOLE]
+    if not wanted:
+        return
+    size = volume.slot_size
+    reads = await volume._run(
+        [(r, partial(r.read_slots, [(ino, b, entry_slot(e)) for b, e in wanted], size))
+         for r in targets], len(targets))
+    writes: dict[Replica, list] = {}
+    healed_blocks: dict[Replica, list[int]] = {}
+    for position, (block, entry) in enumerate(wanted):
+        gen = entry_gen(entry)
+        good: dict[int, bytes] = {}
+        bad: list[Replica] = []
+        for r in targets:
+            raw = reads[r][position] if r in reads else b""
+            report.shares_checked += 1
+            report.bytes_read += len(raw)
+            share = volume.share_ok(r, ino, block, gen, raw)
+            if share is None:
+                bad.append(r)
+            else:
+                good[r.index] = share
+        report.blocks += 1
+        bad = [r for r in bad if only is None or r in only]
+        if not bad:
+            continue
+        for r in bad:
+            if r.state == ONLINE and only is None:
+                report.bad_shares += 1
+                r.counters.checksum += 1
+        if len(good) < volume.k:
+            report.unrepairable.append(f"{volume.path_of(ino)} block {block}: only {len(good)} "
+                                       f"good shares of the {volume.k} needed")
+            continue
+        shares = _rebuild_shares(volume, ino, block, gen, good)
+        offset = format.slot_offset(block, entry_slot(entry), size)
+        for r in bad:
+            checksum = codec.share_checksum(volume.keys, volume.volume_id, ino, block, gen,
+                                            r.index, shares[r.index])
+            writes.setdefault(r, []).append((ino, offset, format.pack_slot(gen, checksum,
+                                                                           shares[r.index])))
+            healed_blocks.setdefault(r, []).append(block)
+    if writes and not dry_run:
+        written = await volume._run([(r, partial(r.write_slots, slots))
+                                     for r, slots in writes.items()], len(writes))
+        for r in written:
+            report.repaired_shares += len(writes[r])
+            volume.bad_shares.difference_update((r.index, ino, b) for b in healed_blocks[r])
+
+
+def _rebuild_shares(volume: Volume, ino: int, block: int, gen: int,
+                    good: dict[int, bytes]) -> list[bytes]:
+    sealed = codec.fec_decode(good, volume.k, volume.n, volume.block_size + codec.SEALED_OVERHEAD)
+    codec.decrypt_block(volume.keys, volume.volume_id, ino, block, gen, sealed)  # authenticates
+    return codec.fec_encode(sealed, volume.k, volume.n)
+
+
+async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_seq: int,
+                                 report: Report, dry_run: bool) -> None:
+    """Give stale or faulted replicas the blocks committed during the pass, then the snapshot."""
+    lagging = {r for r in targets if r.state != ONLINE}
+    if not lagging:
+        return
+    for ino, node in list(volume.tree.inodes.items()):
+        if node.is_reg:
+            changed = [(b, e) for b, e in enumerate(node.blocks) if entry_gen(e) > start_seq]
+            await _check_blocks(volume, ino, changed, targets, report, dry_run, only=lagging)
+    if dry_run:
+        report.healed_replicas += [f"{r.path} (would heal: {r.state}, {r.reason})" for r in lagging]
+        return
+    sealed = seal_snapshot(volume.keys, volume.volume_id, volume.tree)
+    done = await volume._run([(r, partial(_install_snapshot, volume, r, sealed)) for r in lagging],
+                             len(lagging))
+    for r in lagging:
+        if r in done:
+            report.healed_replicas.append(r.path)
+            log.info("replica %s healed and back online", r.path)
+        else:
+            report.unrepairable.append(f"{r.path}: could not be healed ({r.reason})")
+
+
+def _install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
+    r.write_snapshot(volume.keys, volume.tree, sealed)
+    r.rejoin()
+
+
+async def _check_metadata(volume: Volume, targets: list[Replica], report: Report,
+                          dry_run: bool) -> None:
+    """Reload each online replica's snapshot and log; rewrite any that do not give our tree."""
+    online = [r for r in targets if r.state == ONLINE]
+    loaded = await volume._run([(r, partial(r.load, volume.keys)) for r in online], len(online))
+    want = tree_digest(volume.tree)
+    sealed = None
+    for r in online:
+        result = loaded.get(r)
+        if result is not None and tree_digest(result.tree) == want:
+            continue
+        report.metadata_repaired.append(r.path)
+        if not dry_run:
+            sealed = sealed or seal_snapshot(volume.keys, volume.volume_id, volume.tree)
+            await volume._run([(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
+
+
+async def _remove_extra_files(volume: Volume, targets: list[Replica], report: Report,
+                              dry_run: bool) -> None:
+    """Data files of inodes that no longer exist (a crash between free and delete)."""
+    live = {ino for ino, n in volume.tree.inodes.items() if n.is_reg}
+    listed = await volume._run([(r, r.data_files) for r in targets], len(targets))
+    for r, files in listed.items():
+        extra = [f for f in files if f not in live]
+        report.extra_files += len(extra)
+        if extra and not dry_run:
+            await volume._run([(r, partial(_remove_all, r, extra))], 1)
+
+
+def _remove_all(r: Replica, file_ids: list[int]) -> None:
+    for file_id in file_ids:
+        r.remove_data(file_id)
+
+
+def _absolve_ops(volume: Volume) -> list[dict]:
+    return [{"op": "absolve", "replica": i} for i in list(volume.tree.blame)
+            if any(r.header and r.index == i and r.state == ONLINE for r in volume.replicas)]
+
+
+def _summary(report: Report) -> dict:
+    return {"time": int(time.time()), "result": report.result, "blocks": report.blocks,
+            "bad_shares": report.bad_shares, "repaired_shares": report.repaired_shares,
+            "unrepairable": len(report.unrepairable), "healed": report.healed_replicas}
+
+
+# ---------------------------------------------------------------- replace
+
+def replacement_index(volume: Volume, old_path: str) -> int:
+    """The share the dead replica held: from its header if readable, else the one unaccounted for."""
+    old = os.path.realpath(old_path)
+    for r in volume.replicas:
+        if os.path.realpath(r.path) == old and r.header:
+            return r.index
+    held = {r.index for r in volume.replicas if r.header and os.path.realpath(r.path) != old}
+    missing = sorted(set(range(volume.n)) - held)
+    if len(missing) != 1:
+        raise VolumeError(f"cannot tell which share {old_path} held (shares not present: "
+                          f"{missing}); give every other replica with --replica")
+    return missing[0]
+
+
+def attach_replacement(volume: Volume, old_path: str, new_path: str) -> Replica:
+    """Lay out NEW as share `index` of the volume and put it in OLD's place, STALE until healed."""
+    index = replacement_index(volume, old_path)
+    header = dataclasses.replace(next(r.header for r in volume.replicas if r.header),
+                                 share_index=index)
+    empty = Tree.new(volume.block_size, 0, 0, 0)
+    try:
+        new = Replica.create(new_path, header, volume.keys, empty)
+        new.lock()
+    except ReplicaError as exc:
+        raise VolumeError(str(exc)) from None
+    new.start_worker()
+    new.mark(STALE, "replacement, not yet resilvered")
+    old = os.path.realpath(old_path)
+    for position, r in enumerate(volume.replicas):
+        if os.path.realpath(r.path) == old or (r.header and r.index == index):
+            r.close()
+            volume.replicas[position] = new
+            break
+    else:
+        volume.replicas.append(new)
+    return new
