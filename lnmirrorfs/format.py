@@ -106,27 +106,34 @@ def data_name(file_id: int) -> str:
     return f"{file_id:016x}"
 
 
-# ---- log records: length, sequence number, sealed body ----
+# ---- log records: length, sequence number, sealed ops, then this replica's inline slots ----
 
-_RECORD_HEAD = struct.Struct("<IQ")
+_RECORD_HEAD = struct.Struct("<IQI")
 LOG_KIND = b"log"
 SNAPSHOT_KIND = b"snapshot"
 
 
-def pack_record(seq: int, sealed: bytes) -> bytes:
-    return _RECORD_HEAD.pack(len(sealed), seq) + sealed
+def pack_record(seq: int, sealed: bytes, inline_slots: bytes = b"") -> bytes:
+    """A log frame.  `inline_slots` are the slots of the record's written blocks, in the
+    order its write ops list them: the log then holds the data too (redo on replay)."""
+    return _RECORD_HEAD.pack(4 + len(sealed) + len(inline_slots), seq, len(sealed)) + sealed + inline_slots
 
 
 def iter_records(raw: bytes):
-    """Yield (seq, sealed body, end offset) for each complete frame; stops at a torn tail."""
+    """Yield (seq, sealed ops, inline slots, end offset) per complete frame.
+
+    Stops at a short frame or at zeros: the log is preallocated with zeros, so a zero
+    length is where the written part ends."""
     pos = 0
-    while pos + _RECORD_HEAD.size <= len(raw):
-        length, seq = _RECORD_HEAD.unpack_from(raw, pos)
-        start = pos + _RECORD_HEAD.size
-        if start + length > len(raw):
+    head = _RECORD_HEAD.size
+    while pos + head <= len(raw):
+        length, seq, sealed_length = _RECORD_HEAD.unpack_from(raw, pos)
+        end = pos + head - 4 + length
+        if length < 4 or sealed_length > length - 4 or end > len(raw):
             return
-        pos = start + length
-        yield seq, raw[start:pos], pos
+        start = pos + head
+        yield seq, raw[start:start + sealed_length], raw[start + sealed_length:end], end
+        pos = end
 
 
 # ---- snapshot: the whole tree at one sequence number ----

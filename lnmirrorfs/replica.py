@@ -23,10 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import codec, format
-from .tree import Tree, TreeError, decode_ops
+from .tree import Tree, TreeError, block_entry, decode_ops
 
 ONLINE, STALE, FAULTED, MISSING = "ONLINE", "STALE", "FAULTED", "MISSING"
 _MAX_OPEN_DATA_FILES = 256
+# The log grows by zero-filled chunks: appending inside already-written space changes no
+# file size, so the per-commit fdatasync has no metadata to journal.
+LOG_CHUNK = 4 << 20
 
 
 class ReplicaError(Exception):
@@ -71,8 +74,10 @@ class Worker:
         self.pending += 1
         self._jobs.put((job, done))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> None:
+        """Finish the queued jobs (replicas past quorum may still be writing), then end."""
         self._jobs.put((None, None))
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -99,11 +104,13 @@ class Counters:
 
 @dataclass
 class Loaded:
-    """What a replica's metadata says: its tree and where its log's valid part ends."""
+    """What a replica's metadata says: its tree, where its log's valid part ends, and the
+    slots its log carries that the tree still points at (to redo, or to read from)."""
 
     tree: Tree
     log_end: int
     log_records: int
+    redo: dict[tuple[int, int, int], bytes]
 
 
 @dataclass(eq=False)  # identity semantics: replicas are dict keys
@@ -115,7 +122,11 @@ class Replica:
     counters: Counters = field(default_factory=Counters)
     worker: Worker | None = None
     _data_fds: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    overlay: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
     _log_fd: int | None = None
+    _log_end: int = 0
+    _log_allocated: int = 0
+    _unsynced_files: set[int] = field(default_factory=set)
     _lock_fd: int | None = None
 
     # ---- creation and opening ----
@@ -193,9 +204,10 @@ class Replica:
     def start_worker(self) -> None:
         self.worker = Worker(f"replica-{self.index}")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         if self.worker:
-            self.worker.stop()
+            self.worker.stop(timeout)
+            self.worker = None
         for fd in self._data_fds.values():
             os.close(fd)
         self._data_fds.clear()
@@ -223,8 +235,8 @@ class Replica:
                 raw = f.read()
         except (OSError, format.FormatError, codec.CodecError, TreeError) as exc:
             raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
-        log_end, count = 0, 0
-        for seq, sealed, end in format.iter_records(raw):
+        log_end, count, redo = 0, 0, {}
+        for seq, sealed, inline, end in format.iter_records(raw):
             if upto is not None and seq > upto:
                 break
             if seq <= tree.seq:
@@ -232,34 +244,93 @@ class Replica:
                 continue
             try:
                 ops = decode_ops(codec.open_record(keys, vol, format.LOG_KIND, seq, sealed))
+                slots = self._inline_slots(keys, seq, ops, inline)
                 tree.apply(seq, ops)
-            except (codec.CodecError, TreeError, ValueError):
+            except (codec.CodecError, TreeError, ValueError, KeyError, TypeError):
                 break
+            redo.update(slots)
             log_end, count = end, count + 1
-        return Loaded(tree, log_end, count)
+        return Loaded(tree, log_end, count, {key: raw for key, raw in redo.items()
+                                             if _still_current(tree, key, raw)})
+
+    def _inline_slots(self, keys: codec.Keys, seq: int, ops: list[dict],
+                      inline: bytes) -> dict[tuple[int, int, int], bytes]:
+        """The slots a record carries, each checked: a torn record fails here as a whole."""
+        if not inline:
+            return {}
+        h = self.header
+        size = format.slot_size(h.block_size, h.k)
+        out, pos = {}, 0
+        for op in ops:
+            if op["op"] != "write":
+                continue
+            for packed in op["blocks"]:
+                raw = inline[pos:pos + size]
+                pos += size
+                gen, checksum, share = format.unpack_slot(raw)
+                if gen != seq or checksum != codec.share_checksum(
+                        keys, h.volume_id, op["ino"], packed >> 1, seq, h.share_index, share):
+                    raise codec.CodecError(f"record {seq}: torn or damaged inline slot")
+                out[(op["ino"], packed >> 1, packed & 1)] = raw
+        if pos != len(inline):
+            raise codec.CodecError(f"record {seq}: inline slots do not match its ops")
+        return out
+
+    def apply_redo(self, redo: dict[tuple[int, int, int], bytes]) -> None:
+        """Copy slots that only the log holds durably into the data files, and sync them."""
+        size = format.slot_size(self.header.block_size, self.header.k)
+        self.write_slots([(ino, format.slot_offset(block, slot, size), raw)
+                          for (ino, block, slot), raw in redo.items()])
 
     def open_log(self, valid_end: int) -> None:
-        """Open the log for appending, cutting off any torn tail first."""
-        fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND)
+        """Open the log for appending, cutting off any torn tail (and stale zeros) first."""
+        fd = os.open(self.log_path, os.O_RDWR)
         if os.fstat(fd).st_size != valid_end:
             os.ftruncate(fd, valid_end)
             os.fsync(fd)
         self._log_fd = fd
+        self._log_end = self._log_allocated = valid_end
+
+    def _append(self, record: bytes) -> None:
+        end = self._log_end + len(record)
+        if end > self._log_allocated:
+            target = end + LOG_CHUNK
+            zeros = bytes(1 << 20)
+            for offset in range(self._log_allocated, target, len(zeros)):
+                os.pwrite(self._log_fd, zeros[:target - offset], offset)
+            self._log_allocated = target
+        os.pwrite(self._log_fd, record, self._log_end)
+        os.fdatasync(self._log_fd)
+        self._log_end = end
 
     def write_snapshot(self, keys: codec.Keys, tree: Tree, sealed: bytes | None = None) -> None:
-        """Replace snapshot and empty the log; a crash in between leaves records the load skips."""
+        """Replace snapshot and empty the log; a crash in between leaves records the load skips.
+
+        Slots written without fdatasync (their data was in the log) are synced first: once
+        the log is gone, the data files must hold everything on their own."""
         if sealed is None:
             sealed = seal_snapshot(keys, self.header.volume_id, tree)
+        self._sync_data_files()
         write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
                            format.pack_snapshot(tree.seq, sealed))
         if self._log_fd is not None:
             os.ftruncate(self._log_fd, 0)
             os.fsync(self._log_fd)
+            self._log_end = self._log_allocated = 0
         else:
             fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fsync(fd)
             os.close(fd)
             fsync_dir(self.meta_path)
+
+    def _sync_data_files(self) -> None:
+        for file_id in sorted(self._unsynced_files):
+            fd, _ = self._data_fd(file_id, create=False)
+            if fd is not None:
+                os.fdatasync(fd)
+        if self._unsynced_files:
+            fsync_dir(self.data_path)
+        self._unsynced_files.clear()
 
     # ---- data ----
 
@@ -283,8 +354,11 @@ class Replica:
             os.close(self._data_fds.popitem(last=False)[1])
         return fd, created
 
-    def write_slots(self, slots: list[tuple[int, int, bytes]]) -> None:
-        """Write slots (file id, offset, bytes) and make them durable, new files' names too."""
+    def write_slots(self, slots: list[tuple[int, int, bytes]], sync: bool = True) -> None:
+        """Write slots (file id, offset, bytes); with sync, make them and new names durable.
+
+        Without sync the caller has the same bytes durable in the log, and the next
+        snapshot syncs these files before it drops that log."""
         if not os.path.isdir(self.data_path):
             raise OSError(errno.ENOENT, "replica directory vanished")
         touched: dict[int, int] = {}
@@ -294,22 +368,25 @@ class Replica:
             created |= new
             os.pwrite(fd, data, offset)
             touched[file_id] = fd
+        if not sync:
+            self._unsynced_files.update(touched)
+            return
         for fd in touched.values():
             os.fdatasync(fd)
         if created:
             fsync_dir(self.data_path)
 
-    def commit(self, slots: list[tuple[int, int, bytes]], record: bytes) -> None:
-        """Write and sync the slots, then append the log record and sync the log.
+    def commit(self, slots: list[tuple[int, int, bytes]], record: bytes, inline: bool) -> None:
+        """Write the slots, then append the record and sync the log: the commit point.
 
-        The record is the commit point: it is appended only after every slot it refers to
-        is on disk, so a crash leaves either the old state or the new one on this replica.
+        An inline record carries the slots' bytes itself, so one fdatasync (of the log)
+        makes the whole commit durable; otherwise the slots are synced before the record
+        is appended.  A crash leaves either the old state or the new one on this replica.
         """
         try:
             self._check_online()
-            self.write_slots(slots)
-            os.write(self._log_fd, record)
-            os.fdatasync(self._log_fd)
+            self.write_slots(slots, sync=not inline)
+            self._append(record)
         except OSError as exc:
             self.counters.write += 1
             self.mark(FAULTED, f"write failed: {exc.strerror or exc}")
@@ -327,6 +404,10 @@ class Replica:
         """Raw slots (file id, block, slot); a missing file or slot reads as b''."""
         out = []
         for file_id, block, slot in wanted:
+            raw = self.overlay.get((file_id, block, slot))
+            if raw is not None:  # read-only open: this slot is durable only in the log
+                out.append(raw)
+                continue
             fd, _ = self._data_fd(file_id, create=False)
             out.append(b"" if fd is None else os.pread(fd, size, format.slot_offset(block, slot, size)))
         return out
@@ -334,7 +415,7 @@ class Replica:
     def rejoin(self) -> None:
         """Back in service after a heal gave it the current snapshot and an empty log."""
         if self._log_fd is None:
-            self.open_log(os.path.getsize(self.log_path))
+            self.open_log(0)
         self.state, self.reason = ONLINE, ""
 
     def truncate_data(self, file_id: int, blocks: int, size: int) -> None:
@@ -374,6 +455,14 @@ class Replica:
                 "state": self.state, "reason": self.reason, "free_bytes": free,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
+
+
+def _still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:
+    ino, block, slot = key
+    node = tree.inodes.get(ino)
+    gen = format.unpack_slot(raw)[0]
+    return (node is not None and block < len(node.blocks)
+            and node.blocks[block] == block_entry(gen, slot))
 
 
 def seal_snapshot(keys: codec.Keys, volume_id: bytes, tree: Tree) -> bytes:

@@ -282,7 +282,7 @@ def attach_replacement(volume: Volume, old_path: str, new_path: str) -> Replica:
     old = os.path.realpath(old_path)
     for position, r in enumerate(volume.replicas):
         if os.path.realpath(r.path) == old or (r.header and r.index == index):
-            r.close()
+            r.close(timeout=0)  # a dead replica may hang: do not wait for it
             volume.replicas[position] = new
             break
     else:

@@ -42,6 +42,7 @@ from .tree import name_to_json as _j
 
 log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
+INLINE_BLOCKS = 64  # commits of up to this many blocks write their data into the log too
 
 
 class VolumeError(Exception):
@@ -207,11 +208,16 @@ class Volume:
             # Every replica with a header gets a worker: scrub reads and heals the lagging ones.
             r.start_worker()
             r.counters = Counters(**tree.error_counts.get(r.index, {}))
-            if r.state == ONLINE and writable:
-                try:
-                    r.open_log(loaded[r].log_end)
-                except OSError as exc:
-                    r.mark(FAULTED, f"cannot open log for writing: {exc.strerror}")
+            if r.state != ONLINE:
+                continue
+            if not writable:
+                r.overlay = loaded[r].redo
+                continue
+            try:
+                r.apply_redo(loaded[r].redo)
+                r.open_log(loaded[r].log_end)
+            except OSError as exc:
+                r.mark(FAULTED, f"cannot recover or open the log for writing: {exc.strerror}")
         volume = cls(replicas, keys, tree, options)
         volume.writable = writable
         volume.log_bytes = max((res.log_end for res in loaded.values()), default=0)
@@ -219,7 +225,7 @@ class Volume:
 
     def close(self) -> None:
         for r in self.replicas:
-            r.close()
+            r.close(self.options.deadline)
 
     # ---- replica I/O through the workers ----
 
@@ -277,10 +283,13 @@ class Volume:
         if not ops:
             return
         sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, seq, encode_ops(ops))
-        record = format.pack_record(seq, sealed)
+        # Small commits carry their shares in the log record: one fdatasync per replica.
+        inline = len(slots[0]) <= INLINE_BLOCKS
+        records = [format.pack_record(seq, sealed, b"".join(s[2] for s in mine) if inline else b"")
+                   for mine in slots]
         targets = self.online
-        done = await self._run([(r, partial(r.commit, slots[r.index], record)) for r in targets],
-                               self.quorum)
+        done = await self._run([(r, partial(r.commit, slots[r.index], records[r.index], inline))
+                                for r in targets], self.quorum)
         self.stats["commits"] += 1
         if len(done) < self.quorum:
             self.suspended = (f"write quorum lost at record {seq}: {len(done)} of the needed "
@@ -290,7 +299,7 @@ class Volume:
             raise fail(errno.EIO, self.suspended)
         self.tree.apply(seq, ops)
         self._settle_inflight([op["ino"] for op in write_ops])
-        self.log_bytes += len(record)
+        self.log_bytes += len(records[0])
         if self.log_bytes > self.options.snapshot_log_bytes:
             await self.snapshot()
 

@@ -131,11 +131,22 @@ def test_any_flipped_bit_in_a_share_fails_its_checksum(b, data):
     pairs = encode(b)
     i = data.draw(st.integers(min_value=0, max_value=b["n"] - 1))
     cs, share = pairs[i]
-    pos = data.draw(st.integers(min_value=0, max_value=len(share) - 1))
+    last = len(share) - 1
+    pos = data.draw(st.one_of(st.sampled_from([0, last]), st.integers(min_value=0, max_value=last)))
     bit = data.draw(st.integers(min_value=0, max_value=7))
     tampered = flip(share, pos, bit)
     assert checksum(b, i, share) == cs
     assert checksum(b, i, tampered) != cs
+
+
+@pytest.mark.parametrize("k,n", KN)
+def test_every_byte_position_of_every_share_is_checksummed(k, n):
+    """Exhaustive over positions for one 512-byte block per shape (the random test samples)."""
+    b = {"keys": codec.Keys.derive(bytes(range(32))), "vid": b"v" * 16, "fid": 3, "blk": 5, "gen": 7,
+         "k": k, "n": n, "bs": 512, "pt": bytes(range(256)) * 2}
+    for i, (cs, share) in enumerate(encode(b)):
+        for pos in range(len(share)):
+            assert checksum(b, i, flip(share, pos, pos % 8)) != cs, (i, pos)
 
 
 @given(b=blocks(), data=st.data())
@@ -345,7 +356,8 @@ def test_paper_key_garbage_raises_only_paper_key_error(text):
 
 # ---- metadata records ----
 
-kinds = st.one_of(st.sampled_from([format.LOG_KIND, format.SNAPSHOT_KIND]), st.binary(min_size=1, max_size=12))
+kinds = st.one_of(st.sampled_from([format.LOG_KIND, format.SNAPSHOT_KIND]),
+                  st.binary(min_size=1, max_size=12))
 
 
 @given(master=masters, vid=volume_ids, kind=kinds, seq=u64, pt=st.binary(max_size=2000), data=st.data())
