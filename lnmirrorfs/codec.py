@@ -78,7 +78,17 @@ def key_check(keys: Keys, volume_id: bytes) -> bytes:
 # ---- paper key: base32 of key + 3-byte checksum, grouped for typing ----
 
 def _paper_checksum(master: bytes) -> bytes:
-    return hashlib.blake2b(master, digest_size=PAPER_CHECK_BYTES, person=b"lnmirror-paper").digest()
+    """CRC-24 (OpenPGP polynomial) of the key.  A mistyped base32 character flips at most
+    5 adjacent bits, and a CRC-24 detects every burst of up to 24 bits: every single typo
+    is caught, not just most."""
+    crc = 0xB704CE
+    for byte in master:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= 0x1864CFB
+    return (crc & 0xFFFFFF).to_bytes(PAPER_CHECK_BYTES, "big")
 
 
 def encode_paper_key(master: bytes) -> str:
@@ -123,8 +133,18 @@ def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
 _BLOCK_AAD = struct.Struct("<16sQQQ")
 
 
+VOLUME_ID_BYTES = 16
+
+
+def _check_volume_id(volume_id: bytes) -> bytes:
+    # struct's "16s" would silently pad or cut a wrong-length id, merging distinct volumes.
+    if len(volume_id) != VOLUME_ID_BYTES:
+        raise ValueError(f"volume id must be {VOLUME_ID_BYTES} bytes, got {len(volume_id)}")
+    return volume_id
+
+
 def block_aad(volume_id: bytes, file_id: int, block: int, gen: int) -> bytes:
-    return _BLOCK_AAD.pack(volume_id, file_id, block, gen)
+    return _BLOCK_AAD.pack(_check_volume_id(volume_id), file_id, block, gen)
 
 
 def encrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int,
@@ -140,7 +160,7 @@ def decrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: i
 
 def seal_record(keys: Keys, volume_id: bytes, kind: bytes, seq: int, plaintext: bytes) -> bytes:
     """Seal a metadata record (log entry or snapshot) bound to its kind and sequence number."""
-    return _seal(keys.meta, plaintext, volume_id + kind + struct.pack("<Q", seq))
+    return _seal(keys.meta, plaintext, _check_volume_id(volume_id) + kind + struct.pack("<Q", seq))
 
 
 def open_record(keys: Keys, volume_id: bytes, kind: bytes, seq: int, sealed: bytes) -> bytes:
@@ -193,7 +213,7 @@ def share_checksum(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: 
                    share_index: int, share: bytes) -> bytes:
     """Keyed checksum of one share, bound to where it belongs so misplaced shares fail too."""
     h = hashlib.blake2b(key=keys.share, digest_size=CHECKSUM_BYTES)
-    h.update(_SHARE_CTX.pack(volume_id, file_id, block, gen, share_index))
+    h.update(_SHARE_CTX.pack(_check_volume_id(volume_id), file_id, block, gen, share_index))
     h.update(share)
     return h.digest()
 
