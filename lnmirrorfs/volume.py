@@ -530,9 +530,11 @@ class Volume:
                     raise fail(errno.ENOTEMPTY)
             elif node.is_dir:
                 raise fail(errno.EISDIR)
+            frees = self._free_ops(node, 1)
             await self.commit([{"op": "unlink", "parent": parent, "name": _j(name),
-                                "time": time.time_ns()}])
-            await self._free_if_unused(node)
+                                "time": time.time_ns()}] + frees)
+            if frees:
+                self._forget(node)
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      noreplace: bool = False) -> None:
@@ -557,11 +559,12 @@ class Volume:
                 raise fail(errno.EINVAL)
             # The renamed file's buffered data goes in the same record (like ext4's
             # auto_da_alloc), so "write new file, rename over old" never yields a hole.
+            frees = self._free_ops(target, 1) if target is not None else []
             await self.commit([{"op": "rename", "parent": parent, "name": _j(name),
                                 "new_parent": new_parent, "new_name": _j(new_name),
-                                "time": time.time_ns()}], [node.ino])
-            if target is not None:
-                await self._free_if_unused(target)
+                                "time": time.time_ns()}] + frees, [node.ino])
+            if frees:
+                self._forget(target)
 
     def _is_ancestor(self, ino: int, descendant: int) -> bool:
         """True if `descendant` is `ino` or lies below it."""
@@ -627,28 +630,39 @@ class Volume:
         node = self.tree.inodes.get(ino)
         if node is not None and node.nlink == 0:
             async with self.lock:
-                await self._free_if_unused(node)
+                await self._free(node)
         elif ino in self.dirty:
             await self.sync(ino)
 
-    async def _free_if_unused(self, node: Inode) -> None:
-        """Forget an inode no name and no open file refers to any more.  Caller holds the lock."""
-        if node.nlink > 0 or self.open_count.get(node.ino) or node.ino not in self.tree.inodes:
-            return
+    def _free_ops(self, node: Inode, names_lost: int) -> list[dict]:
+        """A `free` op, to go in the same record, if the change leaves the inode with no
+        name and no open file (so unlinking a closed file costs one commit, not two)."""
+        remaining = 0 if node.is_dir else node.nlink - names_lost
+        if remaining > 0 or self.open_count.get(node.ino):
+            return []
+        return [{"op": "free", "ino": node.ino}]
+
+    def _forget(self, node: Inode) -> None:
+        """Drop what memory and the replicas still hold of an inode whose free committed."""
         for table in (self.dirty, self.inflight, self.pending_size):
             table.pop(node.ino, None)
-        await self.commit([{"op": "free", "ino": node.ino}])
         for key in [key for key in self.cache if key[0] == node.ino]:
             del self.cache[key]
         if node.is_reg:
             for r in self.online:
                 r.worker.submit(partial(r.remove_data, node.ino), lambda result, error: None)
 
+    async def _free(self, node: Inode) -> None:
+        """Free an orphan (no name left) once nothing has it open.  Caller holds the lock."""
+        if node.ino in self.tree.inodes and self._free_ops(node, 0):
+            await self.commit(self._free_ops(node, 0))
+            self._forget(node)
+
     async def free_orphans(self) -> None:
         """After a crash nothing is open: forget inodes whose last name was removed."""
         async with self.lock:
             for ino in self.tree.orphans():
-                await self._free_if_unused(self.tree.inodes[ino])
+                await self._free(self.tree.inodes[ino])
 
     # ---- volume-wide ----
 
