@@ -49,7 +49,11 @@ def check_db(directory: str) -> int:
     db = sqlite3.connect(os.path.join(directory, DB_NAME))
     try:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        version = db.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if "payments" not in tables:
+            return 0  # cut short before its schema was committed
+        row = db.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()
+        version = row[0] if row else 0
         ids = [row[0] for row in db.execute("SELECT id FROM payments ORDER BY id")]
         assert ids == list(range(1, version + 1)), f"payments {ids[:3]}.. do not match {version}"
         for number, data in db.execute("SELECT id, data FROM payments"):
