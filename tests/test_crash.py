@@ -16,8 +16,8 @@ import sys
 import time
 
 import pytest
-import workload
 
+import workload
 from conftest import REPO, slow_enabled
 
 ROUNDS = int(os.environ.get("LNMIRROR_CRASH_ROUNDS", "100" if slow_enabled() else "4"))

@@ -11,6 +11,7 @@ import os
 import subprocess
 
 import pytest
+
 import workload
 
 

@@ -16,8 +16,8 @@ import sys
 import time
 
 import pytest
-import workload
 
+import workload
 from conftest import REPO, force_unmount, is_mounted, make_volume, slow_enabled
 
 ROUNDS = int(os.environ.get("LNMIRROR_POWER_ROUNDS", "50" if slow_enabled() else "3"))

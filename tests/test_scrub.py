@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import pytest
+
 import workload
 from conftest import REPO, lnmirror
-
 from lnmirrorfs import format
 
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import workload
 
+import workload
 from conftest import REPO
 
 
