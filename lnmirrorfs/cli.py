@@ -11,15 +11,17 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import stat
 import sys
 import time
+import tomllib
 
 import trio
 
 from . import codec, control, format, scrub
 from .replica import Replica, ReplicaError
-from .restore import RestoreError, restore_tree
+from .restore import RestoreError, check_node_stopped, import_tree, restore_tree
 from .tree import Tree
 from .volume import Options, Volume, VolumeError, default_quorum
 
@@ -104,6 +106,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise CliError("the same replica directory is given twice")
     for path in args.replica:
         _check_new_replica_dir(path)
+    if args.source:
+        if not os.path.isdir(args.source):
+            raise CliError(f"--from {args.source}: not a directory")
+        try:
+            check_node_stopped(args.source)
+        except RestoreError as exc:
+            raise CliError(str(exc)) from None
     volume_id = os.urandom(16)
     master = codec.new_master_key()
     keys = codec.Keys.derive(master)
@@ -116,6 +125,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         header = format.Header(volume_id, k, n, index, args.block_size,
                                codec.key_check(keys, volume_id))
         Replica.create(path, header, keys, tree).close()
+    if args.source:
+        _import_or_undo(args, master, key_path)
     print(f"created volume {volume_id.hex()}: k={k} n={n} write quorum "
           f"{default_quorum(k, n)}, block size {args.block_size}")
     for index, path in enumerate(args.replica):
@@ -125,6 +136,31 @@ def cmd_init(args: argparse.Namespace) -> int:
           "(without it nothing can be restored):")
     print(f"  {codec.encode_paper_key(master)}")
     return 0
+
+
+def _import_or_undo(args: argparse.Namespace, master: bytes, key_path: str) -> None:
+    """Copy --from into the new volume and verify it; on failure leave nothing behind."""
+    volume = Volume.open(args.replica, master, Options())
+    try:
+        async def run() -> dict:
+            counts = await import_tree(volume, args.source)
+            async with volume.lock:
+                await volume.snapshot()
+            return counts
+        counts = trio.run(run)
+    except (RestoreError, OSError, VolumeError) as exc:
+        volume.close()
+        for path in args.replica:
+            for name in os.listdir(path):
+                full = os.path.join(path, name)
+                shutil.rmtree(full) if os.path.isdir(full) else os.unlink(full)
+        os.unlink(key_path)
+        raise CliError(f"import of {args.source} failed, nothing was created: "
+                       f"{getattr(exc, 'strerror', None) or exc}") from None
+    volume.close()
+    print(f"imported {args.source}: {counts['files']} files ({counts['bytes']} bytes), "
+          f"{counts['dirs']} directories, {counts['links']} extra hard links, "
+          f"{counts['skipped_sockets']} sockets skipped; every file read back and verified")
 
 
 def _check_new_replica_dir(path: str) -> None:
@@ -162,8 +198,39 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- opening volumes
 
+# Keys a config file may set, and the argument each one fills when the command line did not.
+_CONFIG_KEYS = {"replicas": "replica", "key_file": "key_file", "quorum": "quorum",
+                "deadline": "deadline", "on_degraded": "on_degraded", "mountpoint": "mountpoint"}
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill unset arguments from the TOML file named by --config (the command line wins)."""
+    path = getattr(args, "config", None)
+    if not path:
+        return
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as exc:
+        raise CliError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"config file {path}: {exc}") from None
+    unknown = set(config) - set(_CONFIG_KEYS)
+    if unknown:
+        raise CliError(f"config file {path}: unknown keys {', '.join(sorted(unknown))} "
+                       f"(known: {', '.join(_CONFIG_KEYS)})")
+    if "replicas" in config and not (isinstance(config["replicas"], list) and all(
+            isinstance(r, str) for r in config["replicas"])):
+        raise CliError(f"config file {path}: replicas must be a list of directory names")
+    if getattr(args, "replica", None):
+        config.pop("mountpoint", None)  # replicas named on the command line: act on those
+    for key, attr in _CONFIG_KEYS.items():
+        if key in config and hasattr(args, attr) and not getattr(args, attr):
+            setattr(args, attr, config[key])
+
+
 def volume_options(args: argparse.Namespace) -> Options:
-    return Options(quorum=getattr(args, "quorum", None), deadline=getattr(args, "deadline", 10.0))
+    return Options(quorum=args.quorum, deadline=args.deadline or 10.0)
 
 
 def open_volume(replicas: list[str], key_file: str | None, options: Options,
@@ -179,11 +246,7 @@ def open_volume(replicas: list[str], key_file: str | None, options: Options,
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mountpoint:
-        try:
-            status = control.request(control.socket_path(args.mountpoint), {"cmd": "status"})
-        except OSError:
-            raise CliError(f"no lnmirrorfs mount is serving {args.mountpoint}") from None
-        status["mounted"] = args.mountpoint
+        status = _live_status(args.mountpoint, args.wait)
     elif args.replica:
         volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
         try:
@@ -196,9 +259,82 @@ def cmd_status(args: argparse.Namespace) -> int:
         r["state"] == "ONLINE" for r in status.get("replicas", []))
     if args.json:
         print(json.dumps(status, indent=2))
+    elif args.prometheus:
+        print(format_prometheus(status), end="")
     else:
         print(format_status(status))
+    if args.wait is not None:
+        return 0 if status["state"] in ("ONLINE", "DEGRADED") else 1
     return 0 if healthy else 1
+
+
+def _live_status(mountpoint: str, wait: float | None) -> dict:
+    """Ask the mount; with --wait, keep asking until it answers and accepts writes."""
+    deadline = time.monotonic() + (wait or 0)
+    while True:
+        try:
+            status = control.request(control.socket_path(mountpoint), {"cmd": "status"})
+            if wait is None or status.get("state") in ("ONLINE", "DEGRADED"):
+                break
+        except OSError:
+            status = None
+        if time.monotonic() >= deadline:
+            if status is None:
+                raise CliError(f"no lnmirrorfs mount is serving {mountpoint}")
+            break
+        time.sleep(0.2)
+    status["mounted"] = mountpoint
+    return status
+
+
+_STATES = ("ONLINE", "STALE", "FAULTED", "MISSING")
+
+
+def format_prometheus(s: dict) -> str:
+    """node_exporter textfile format: one gauge family per fact, labelled by volume/replica."""
+    vol = f'volume="{s["volume"]}"'
+    healthy = int(s["state"] == "ONLINE" and all(r["state"] == "ONLINE" for r in s["replicas"]))
+    stale = sum(r["state"] != "ONLINE" for r in s["replicas"])
+    scrub = s.get("last_scrub") or {}
+    lines = [
+        "# HELP lnmirror_volume_healthy 1 when the volume and every replica are ONLINE.",
+        "# TYPE lnmirror_volume_healthy gauge",
+        f"lnmirror_volume_healthy{{{vol}}} {healthy}",
+        "# HELP lnmirror_volume_writable 1 unless a write lost its quorum (SUSPENDED).",
+        "# TYPE lnmirror_volume_writable gauge",
+        f"lnmirror_volume_writable{{{vol}}} {int(s['state'] != 'SUSPENDED')}",
+        "# HELP lnmirror_volume_record Sequence number of the newest acknowledged record.",
+        "# TYPE lnmirror_volume_record counter",
+        f"lnmirror_volume_record{{{vol}}} {s['record']}",
+        "# HELP lnmirror_pending_heal Bad shares seen plus replicas not ONLINE, for scrub to fix.",
+        "# TYPE lnmirror_pending_heal gauge",
+        f"lnmirror_pending_heal{{{vol}}} {s['bad_shares'] + stale}",
+        "# HELP lnmirror_replica_state 1 for the state each replica is in.",
+        "# TYPE lnmirror_replica_state gauge",
+    ]
+    for r in s["replicas"]:
+        for state in _STATES:
+            lines.append(f'lnmirror_replica_state{{{vol},replica="{r["path"]}",state="{state}"}} '
+                         f'{int(r["state"] == state)}')
+    lines += ["# HELP lnmirror_replica_errors_total Read, write and checksum errors, across mounts.",
+              "# TYPE lnmirror_replica_errors_total counter"]
+    for r in s["replicas"]:
+        for kind, count in r["errors"].items():
+            lines.append(f'lnmirror_replica_errors_total{{{vol},replica="{r["path"]}",kind="{kind}"}} '
+                         f"{count}")
+    lines += ["# HELP lnmirror_replica_free_bytes Free space on the replica's filesystem.",
+              "# TYPE lnmirror_replica_free_bytes gauge"]
+    lines += [f'lnmirror_replica_free_bytes{{{vol},replica="{r["path"]}"}} {r["free_bytes"]}'
+              for r in s["replicas"] if r["free_bytes"] is not None]
+    if scrub:
+        lines += ["# HELP lnmirror_last_scrub_timestamp_seconds When the last scrub finished.",
+                  "# TYPE lnmirror_last_scrub_timestamp_seconds gauge",
+                  f"lnmirror_last_scrub_timestamp_seconds{{{vol}}} {scrub['time']}",
+                  "# HELP lnmirror_last_scrub_ok 1 if the last scrub found nothing unrepairable.",
+                  "# TYPE lnmirror_last_scrub_ok gauge",
+                  f"lnmirror_last_scrub_ok{{{vol},result=\"{scrub['result']}\"}} "
+                  f"{int(scrub['result'] != 'unrepairable')}"]
+    return "\n".join(lines) + "\n"
 
 
 def format_status(s: dict) -> str:
@@ -231,6 +367,8 @@ def _human(n: float) -> str:
 # ---------------------------------------------------------------- lnmirror restore
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if not args.replica:
+        raise CliError("give the replica directories with --replica (or --config)")
     volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
     try:
         counts = trio.run(restore_tree, volume, args.target, sys.stderr.isatty())
@@ -334,6 +472,8 @@ def lnmirror_parser() -> argparse.ArgumentParser:
                       help="where to write the key (default /etc/lnmirrorfs/VOLUME.key)")
     init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     init.add_argument("--force", action="store_true", help="allow a single replica")
+    init.add_argument("--from", dest="source", metavar="LIGHTNING_DIR",
+                      help="import a stopped node's directory into the new volume")
     init.set_defaults(func=cmd_init)
 
     key = sub.add_parser("key", help="check a typed-in paper key (stdin) or a key file")
@@ -344,19 +484,24 @@ def lnmirror_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="health of a mount or of replica directories")
     status.add_argument("mountpoint", nargs="?")
-    _replica_args(status, required=False)
-    status.add_argument("--json", action="store_true")
+    _replica_args(status)
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument("--prometheus", action="store_true",
+                       help="node_exporter textfile format")
+    status.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="wait until the mount answers and accepts writes (exit 0), or fail")
     status.set_defaults(func=cmd_status)
 
     restore = sub.add_parser("restore", help="write the last acknowledged state as plain files")
-    _replica_args(restore, required=True)
+    _replica_args(restore)
     restore.add_argument("target")
     restore.set_defaults(func=cmd_restore)
 
     scrub_p = sub.add_parser("scrub", help="verify every share and heal (exit 0 clean, 1 repaired, "
                                            "2 unrepairable)")
     scrub_p.add_argument("mountpoint", nargs="?")
-    _replica_args(scrub_p, required=False)
+    _replica_args(scrub_p)
     scrub_p.add_argument("--dry-run", action="store_true", help="report, change nothing")
     scrub_p.add_argument("--rate", type=float, metavar="MB/S", help="read at most this fast")
     scrub_p.add_argument("--json", action="store_true")
@@ -364,7 +509,7 @@ def lnmirror_parser() -> argparse.ArgumentParser:
 
     replace = sub.add_parser("replace", help="resilver an empty directory in place of a dead replica")
     replace.add_argument("--mountpoint", help="the live mount to replace it in")
-    _replica_args(replace, required=False)
+    _replica_args(replace)
     replace.add_argument("old")
     replace.add_argument("new")
     replace.add_argument("--json", action="store_true")
@@ -372,11 +517,13 @@ def lnmirror_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _replica_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--replica", action="append", required=required, metavar="DIR")
+def _replica_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replica", action="append", metavar="DIR")
     p.add_argument("--key-file", metavar="PATH")
     p.add_argument("--quorum", type=int, help="write quorum W (default: majority, at least k)")
-    p.add_argument("--deadline", type=float, default=10.0, help="seconds per replica request")
+    p.add_argument("--deadline", type=float, help="seconds per replica request (default 10)")
+    p.add_argument("--config", metavar="TOML", help="read replicas, key_file, quorum, deadline, "
+                   "on_degraded, mountpoint from this file; the command line wins")
 
 
 def run(main, argv: list[str] | None, prog: str) -> int:
@@ -392,6 +539,7 @@ def run(main, argv: list[str] | None, prog: str) -> int:
 def lnmirror_main(argv: list[str] | None = None) -> int:
     def main(argv):
         args = lnmirror_parser().parse_args(argv)
+        apply_config(args)
         _setup_logging(foreground=True)
         return args.func(args)
     return run(main, argv, "lnmirror")
@@ -409,10 +557,13 @@ def mount_parser() -> argparse.ArgumentParser:
         prog="mount_lnmirror",
         description="mount an lnmirrorfs volume: mount_lnmirror MOUNTPOINT --replica A --replica B,"
                     " or as a mount helper: mount_lnmirror SOURCE MOUNTPOINT -o replica=A:B,key=K")
-    p.add_argument("args", nargs="+", metavar="[SOURCE] MOUNTPOINT")
-    _replica_args(p, required=False)
+    p.add_argument("args", nargs="*", metavar="[SOURCE] MOUNTPOINT")
+    _replica_args(p)
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
     p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("--on-degraded", metavar="CMD",
+                   help="shell command run when a replica faults or heals, or the quorum is lost "
+                        "(env LNMIRROR_EVENT, LNMIRROR_REPLICA, LNMIRROR_REASON)")
     return p
 
 
@@ -421,7 +572,7 @@ def parse_mount_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     args = mount_parser().parse_args(argv)
     if len(args.args) > 2:
         raise CliError("too many positional arguments: give [SOURCE] MOUNTPOINT")
-    source, args.mountpoint = (None, args.args[0]) if len(args.args) == 1 else args.args
+    source, args.mountpoint = ([None, None] + args.args)[-2:]
     replicas = list(args.replica or [])
     fuse_options = []
     for opt in ",".join(args.options).split(","):
@@ -436,15 +587,20 @@ def parse_mount_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
             args.quorum = _number(int, name, value)
         elif name == "deadline":
             args.deadline = _number(float, name, value)
+        elif name == "config":
+            args.config = value
         elif name == "ro":
             raise CliError("read-only mounts are not supported; use lnmirror restore")
         else:
             fuse_options.append(opt)
     if not replicas and source and "/" in source:
         replicas = [v for v in source.split(":") if v]
-    if not replicas:
-        raise CliError("no replicas: give --replica DIR (or -o replica=A:B)")
     args.replica = replicas
+    apply_config(args)
+    if not args.replica:
+        raise CliError("no replicas: give --replica DIR (or -o replica=A:B, or a config file)")
+    if not args.mountpoint:
+        raise CliError("no mountpoint: give MOUNTPOINT (or mountpoint in the config file)")
     if not os.path.isdir(args.mountpoint):
         raise CliError(f"mountpoint {args.mountpoint} does not exist or is not a directory")
     return args, fuse_options
@@ -471,10 +627,11 @@ def _mount(argv: list[str] | None) -> int:
         volume = open_volume(args.replica, args.key_file, volume_options(args))
         _report_degraded(volume)
         daemon.serve(volume, mountpoint, fuse_options, control.socket_path(mountpoint),
-                     ready=lambda: log.info("mounted %s", mountpoint))
+                     ready=lambda: log.info("mounted %s", mountpoint), hook=args.on_degraded)
         return 0
     return _daemonize(lambda ready: daemon.serve(
-        _open_in_child(args), mountpoint, fuse_options, control.socket_path(mountpoint), ready))
+        _open_in_child(args), mountpoint, fuse_options, control.socket_path(mountpoint), ready,
+        hook=args.on_degraded))
 
 
 def _open_in_child(args: argparse.Namespace) -> Volume:

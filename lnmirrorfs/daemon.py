@@ -4,7 +4,10 @@ socket, signals, and the clean shutdown that flushes everything to the replicas.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import threading
 
 import pyfuse3
 import trio
@@ -68,9 +71,34 @@ async def _main(volume: Volume, control_path: str) -> None:
         await volume.snapshot()
 
 
+def event_hook(command: str | None, mountpoint: str):
+    """An `on_event` for the volume: log the event and run the operator's command for it
+    (in its own thread, so a slow alert script never holds up the mount)."""
+    def on_event(event: str, replica: str, reason: str) -> None:
+        log.warning("event %s: %s %s", event, replica, reason)
+        if not command:
+            return
+        env = dict(os.environ, LNMIRROR_EVENT=event, LNMIRROR_REPLICA=replica,
+                   LNMIRROR_REASON=reason, LNMIRROR_MOUNTPOINT=mountpoint)
+        threading.Thread(target=_run_hook, args=(command, env), daemon=True).start()
+    return on_event
+
+
+def _run_hook(command: str, env: dict) -> None:
+    try:
+        proc = subprocess.run(command, shell=True, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=120)
+        if proc.returncode:
+            log.error("hook %r exited %d: %s", command, proc.returncode,
+                      proc.stderr.decode(errors="replace").strip()[:500])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("hook %r failed: %s", command, exc)
+
+
 def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_path: str,
-          ready=None) -> None:
+          ready=None, hook: str | None = None) -> None:
     """Mount and serve until unmounted; `ready()` is called once the mount is up."""
+    volume.on_event = event_hook(hook, mountpoint)
     pyfuse3.init(Operations(volume), mountpoint, mount_options(extra_options))
     clean = False
     try:

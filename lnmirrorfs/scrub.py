@@ -99,6 +99,7 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
         await _heal_lagging_replicas(volume, targets, start_seq, report, dry_run)
         await _check_metadata(volume, targets, report, dry_run)
         await _remove_extra_files(volume, targets, report, dry_run)
+        volume.report_changes()
         report.seconds = round(time.monotonic() - started, 3)
         if not dry_run and not volume.suspended:
             await volume.commit(_absolve_ops(volume) + [

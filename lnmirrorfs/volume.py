@@ -179,6 +179,9 @@ class Volume:
         # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
         self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
         self._zero = bytes(self.block_size)
+        # Replica states last reported to `on_event`, so each change is told once.
+        self._reported = {r.path: r.state for r in replicas}
+        self.on_event: Callable[[str, str, str], None] = lambda event, path, reason: None
 
     @classmethod
     def open(cls, paths: list[str], master: bytes, options: Options | None = None,
@@ -268,7 +271,21 @@ class Volume:
             for replica, _ in calls:
                 if replica not in answered:
                     self._fault(replica, f"no answer within {self.options.deadline:g}s")
+        self.report_changes()
         return results
+
+    def report_changes(self) -> None:
+        """Tell `on_event` about replicas that faulted or came back since the last call
+        (a worker thread may have marked its replica FAULTED on its own)."""
+        for r in self.replicas:
+            before = self._reported.get(r.path)
+            if r.state == before:
+                continue
+            self._reported[r.path] = r.state
+            if r.state == ONLINE:
+                self.on_event("healed", r.path, "")
+            elif before == ONLINE or before is None:
+                self.on_event("faulted", r.path, r.reason)
 
     def _fault(self, replica: Replica, reason: str) -> None:
         if replica.state == ONLINE:
@@ -302,6 +319,7 @@ class Volume:
             self.suspended = (f"write quorum lost at record {seq}: {len(done)} of the needed "
                               f"{self.quorum} replicas answered")
             log.error("%s; further changes fail with EIO until remount", self.suspended)
+            self.on_event("quorum-lost", "", self.suspended)
             self._requeue_inflight([op["ino"] for op in write_ops])
             raise fail(errno.EIO, self.suspended)
         self.tree.apply(seq, ops)

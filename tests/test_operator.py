@@ -1,0 +1,221 @@
+"""Operator integration: fstab and mount(8), systemd units, config file, alert hook,
+Prometheus output, status --wait, and import of an existing node directory."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Mount, is_mounted, lnmirror
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture
+def installed_commands():
+    """mount.fuse3 and systemd look for the commands in the system PATH, where the README
+    has the operator link them: link them there for the test if they are not, then unlink."""
+    made = []
+    for name in ("lnmirror", "mount_lnmirror"):
+        link = Path("/usr/local/bin") / name
+        if not link.exists():
+            link.symlink_to(Path(VENV_BIN) / name)
+            made.append(link)
+    yield
+    for link in made:
+        link.unlink()
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def wait_daemon_gone(mountpoint: Path) -> None:
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"mount_lnmirror.*{mountpoint}"],
+                                    capture_output=True).returncode != 0)
+
+
+def test_fstab_mount_and_umount(volume, tmp_path, installed_commands):
+    mnt = tmp_path / "ln"
+    mnt.mkdir()
+    replicas = ":".join(str(r) for r in volume.replicas)
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"lnmirror {mnt} fuse.mount_lnmirror "
+                     f"replica={replicas},key={volume.key},nofail,x-systemd.requires-mounts-for=/ 0 0\n")
+    for attempt in range(2):
+        proc = subprocess.run(["mount", "-T", str(fstab), str(mnt)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert is_mounted(mnt)
+        if attempt == 0:
+            (mnt / "config").write_text("network=bitcoin\n")
+        else:
+            assert (mnt / "config").read_text() == "network=bitcoin\n"
+        assert lnmirror("status", str(mnt), check=False).returncode == 0
+        assert subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0
+        wait_daemon_gone(mnt)
+    # mount -t form, as systemd's mount units call it
+    proc = subprocess.run(["mount", "-t", "fuse.mount_lnmirror", "-o",
+                           f"replica={replicas},key={volume.key}", "lnmirror", str(mnt)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (mnt / "config").read_text() == "network=bitcoin\n"
+    subprocess.run(["umount", str(mnt)], check=True)
+    wait_daemon_gone(mnt)
+
+
+def test_config_file_and_status_wait(volume, tmp_path):
+    mnt = tmp_path / "ln"
+    mnt.mkdir()
+    config = tmp_path / "node.toml"
+    replicas = ", ".join(f'"{r}"' for r in volume.replicas)
+    config.write_text(f'mountpoint = "{mnt}"\nreplicas = [{replicas}]\nkey_file = "{volume.key}"\n'
+                      "deadline = 5\n")
+    m = Mount(mnt, ["--config", str(config)])
+    volume.mounts.append(m)
+    # status --wait started before the mount: it waits for it (like ExecStartPre would)
+    waiter = subprocess.Popen([sys.executable, "-m", "lnmirrorfs", "status", "--config",
+                               str(config), "--wait", "30"], cwd=REPO, stdout=subprocess.PIPE)
+    time.sleep(0.5)
+    m.start()
+    assert waiter.wait(40) == 0
+    assert lnmirror("scrub", "--config", str(config), check=False).returncode == 0
+    assert m.unmount() == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('replicas = "not-a-list"\n')
+    proc = lnmirror("status", "--config", str(bad), check=False)
+    assert proc.returncode == 2 and "replicas must be a list" in proc.stderr
+    proc = lnmirror("status", str(mnt), "--wait", "1", check=False)
+    assert proc.returncode == 2 and "no lnmirrorfs mount" in proc.stderr
+
+
+def parse_prometheus(text: str) -> dict[tuple[str, frozenset], float]:
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        m = re.fullmatch(r'(\w+)\{(.*)\} (\S+)', line)
+        assert m, f"bad exposition line {line!r}"
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        samples[(m.group(1), labels)] = float(m.group(3))
+    return samples
+
+
+def test_hook_runs_on_real_fault_and_heal_and_prometheus_shows_it(make_vol, tmp_path):
+    v = make_vol(n=3, k=1)
+    events = tmp_path / "events"
+    hook = f'echo "$LNMIRROR_EVENT $LNMIRROR_REPLICA" >> {events}'
+    m = v.mount("--on-degraded", hook)
+    (m.path / "a").write_text("before")
+    away = v.replicas[2].with_name("away")
+    os.rename(v.replicas[2], away)
+    with open(m.path / "b", "w") as f:
+        f.write("during")
+        f.flush()
+        os.fsync(f.fileno())
+    wait_for(lambda: events.exists() and "faulted" in events.read_text())
+    assert f"faulted {v.replicas[2]}" in events.read_text()
+    proc = m.status("--prometheus")
+    assert proc.returncode == 1
+    samples = parse_prometheus(proc.stdout)
+    vol = next(dict(labels)["volume"] for name, labels in samples if name == "lnmirror_volume_healthy")
+    assert samples[("lnmirror_volume_healthy", frozenset({("volume", vol)}))] == 0
+    state = frozenset({("volume", vol), ("replica", str(v.replicas[2])), ("state", "FAULTED")})
+    assert samples[("lnmirror_replica_state", state)] == 1
+    errors = frozenset({("volume", vol), ("replica", str(v.replicas[2])), ("kind", "write")})
+    assert samples[("lnmirror_replica_errors_total", errors)] >= 0
+    assert samples[("lnmirror_pending_heal", frozenset({("volume", vol)}))] >= 1
+    os.rename(away, v.replicas[2])
+    assert lnmirror("scrub", str(m.path), check=False).returncode == 1
+    wait_for(lambda: f"healed {v.replicas[2]}" in events.read_text())
+    samples = parse_prometheus(m.status("--prometheus").stdout)
+    assert samples[("lnmirror_volume_healthy", frozenset({("volume", vol)}))] == 1
+    assert any(name == "lnmirror_last_scrub_timestamp_seconds" for name, _ in samples)
+    assert m.unmount() == 0
+
+
+def make_lightning_dir(path: Path) -> None:
+    path.mkdir()
+    (path / "bitcoin").mkdir()
+    secret = path / "bitcoin" / "hsm_secret"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o400)
+    db = sqlite3.connect(path / "bitcoin" / "lightningd.sqlite3")
+    db.execute("CREATE TABLE channels (id INTEGER PRIMARY KEY, state BLOB)")
+    db.executemany("INSERT INTO channels VALUES (?, ?)", [(i, os.urandom(300)) for i in range(500)])
+    db.commit()
+    db.close()
+    (path / "bitcoin" / "gossip_store").write_bytes(os.urandom(3 << 20))
+    (path / "config").write_text("network=bitcoin\n")
+    os.symlink("bitcoin/lightningd.sqlite3", path / "db-link")
+    (path / "bitcoin" / "lightningd-bitcoin.pid").write_text("12345\n")
+
+
+def tree_state(root: Path) -> dict:
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        for name in dirnames + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.read_bytes())
+    return out
+
+
+def test_import_existing_node_and_restore_byte_identical(tmp_path):
+    source = tmp_path / "lightning"
+    make_lightning_dir(source)
+    replicas = [tmp_path / "r0", tmp_path / "r1"]
+    for r in replicas:
+        r.mkdir()
+    key = tmp_path / "key"
+    args = ["init", "--replica", str(replicas[0]), "--replica", str(replicas[1]),
+            "--key-file", str(key), "--from", str(source)]
+    # lightningd holds its pid file locked while it runs: refused, nothing created
+    with open(source / "bitcoin" / "lightningd-bitcoin.pid", "r+") as pid:
+        fcntl.lockf(pid, fcntl.LOCK_EX)
+        proc = subprocess.run([sys.executable, "-c", "import sys; from lnmirrorfs.cli import "
+                               "lnmirror_main; sys.exit(lnmirror_main(sys.argv[1:]))", *args],
+                              cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "lightningd is running" in proc.stderr
+    assert not key.exists() and all(not os.listdir(r) for r in replicas)
+    out = lnmirror(*args)
+    assert "every file read back and verified" in out.stdout
+    target = tmp_path / "restored"
+    lnmirror("restore", "--replica", str(replicas[1]), "--key-file", str(key), str(target))
+    assert tree_state(target) == tree_state(source)
+    assert stat.S_IMODE(os.stat(target / "bitcoin" / "hsm_secret").st_mode) == 0o400
+
+
+def test_shipped_systemd_units_verify(tmp_path, installed_commands):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze missing: scripts/setup.sh installs systemd")
+    units = REPO / "contrib" / "systemd"
+    work = tmp_path / "units"
+    work.mkdir()
+    for unit in units.glob("*@.*"):
+        shutil.copy(unit, work)
+    proc = subprocess.run([analyze, "verify", "--man=no", "lnmirror@node.service",
+                           "lnmirror-scrub@node.service", "lnmirror-scrub@node.timer"],
+                          cwd=work, capture_output=True, text=True)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), \
+        proc.stdout + proc.stderr
