@@ -24,6 +24,8 @@ async def _writeback(volume: Volume) -> None:
     """Like the kernel's dirty writeback: buffered data reaches the replicas within seconds."""
     while True:
         await trio.sleep(WRITEBACK_SECONDS)
+        volume.check_deadlines()
+        volume.report_changes()
         if volume.dirty and not volume.suspended:
             try:
                 await volume.sync()

@@ -19,6 +19,7 @@ import fcntl
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,12 +67,23 @@ class Worker:
 
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending = 0
+        self._submitted: collections.deque[float] = collections.deque()  # times of unfinished jobs
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def pending(self) -> int:
+        return len(self._submitted)
+
+    def oldest_pending(self) -> float | None:
+        """time.monotonic() of the oldest job not finished yet (None when idle)."""
+        try:
+            return self._submitted[0]
+        except IndexError:
+            return None
+
     def submit(self, job: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
-        self.pending += 1
+        self._submitted.append(time.monotonic())
         self._jobs.put((job, done))
 
     def stop(self, timeout: float) -> None:
@@ -88,7 +100,7 @@ class Worker:
                 result, error = job(), None
             except BaseException as exc:  # handed to the caller, who decides
                 result, error = None, exc
-            self.pending -= 1
+            self._submitted.popleft()
             done(result, error)
 
 

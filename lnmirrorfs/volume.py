@@ -246,6 +246,7 @@ class Volume:
     async def _run(self, calls: list[tuple[Replica, Callable[[], object]]], need: int) -> dict:
         """Run one job per replica; return {replica: result} once `need` succeeded, all
         answered, or the deadline passed (then the silent ones are marked FAULTED)."""
+        self.check_deadlines()
         token = trio.lowlevel.current_trio_token()
         send, recv = trio.open_memory_channel(math.inf)
 
@@ -286,6 +287,15 @@ class Volume:
                 self.on_event("healed", r.path, "")
             elif before == ONLINE or before is None:
                 self.on_event("faulted", r.path, r.reason)
+
+    def check_deadlines(self) -> None:
+        """A replica whose oldest job is past the deadline is FAULTED even if the others
+        made the quorum without it: otherwise a hung NAS would just pile up work."""
+        now = time.monotonic()
+        for r in self.replicas:
+            since = r.worker.oldest_pending() if r.worker else None
+            if r.state != FAULTED and since is not None and now - since > self.options.deadline:
+                self._fault(r, f"no answer within {self.options.deadline:g}s")
 
     def _fault(self, replica: Replica, reason: str) -> None:
         if replica.state == ONLINE:
@@ -720,6 +730,8 @@ class Volume:
         return min(sizes, default=(0, 0), key=lambda s: s[1])
 
     def status(self) -> dict:
+        self.check_deadlines()
+        self.report_changes()
         healthy = all(r.state == ONLINE for r in self.replicas)
         state = "SUSPENDED" if self.suspended else ("ONLINE" if healthy else "DEGRADED")
         return {"volume": self.volume_id.hex(), "state": state, "reason": self.suspended,

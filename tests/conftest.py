@@ -6,6 +6,7 @@ pytest, and every mount is unmounted in a finalizer.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -142,6 +143,40 @@ class Mount:
             self.proc.wait()
         self.proc = None
         force_unmount(self.path)
+
+
+class FaultFSMount:
+    """tests/faultfs.py serving BACKING at PATH in its own process, driven by signals."""
+
+    def __init__(self, root, seed: int) -> None:
+        self.backing = root / "backing"
+        self.path = root / "faulty"
+        self.spec = root / "faultfs.json"
+        self.backing.mkdir()
+        self.path.mkdir()
+        self.spec.write_text("{}")
+        env = dict(os.environ, FAULTFS_SEED=str(seed))
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "faultfs.py"),
+                                      str(self.backing), str(self.path), str(self.spec)], env=env)
+        deadline = time.monotonic() + 20
+        while not is_mounted(self.path):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "faultfs did not mount"
+            time.sleep(0.05)
+
+    def set(self, **spec) -> None:
+        self.spec.write_text(json.dumps(spec))
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+
+    def power_cut(self) -> None:
+        self.proc.send_signal(signal.SIGUSR2)
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        force_unmount(self.path)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 def is_mounted(path: Path) -> bool:

@@ -7,10 +7,8 @@ Replay a failure with LNMIRROR_POWER_SEED=<seed>."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -18,49 +16,17 @@ import time
 import pytest
 
 import workload
-from conftest import REPO, force_unmount, is_mounted, make_volume, slow_enabled
+from conftest import REPO, FaultFSMount, make_volume, slow_enabled
 
 ROUNDS = int(os.environ.get("LNMIRROR_POWER_ROUNDS", "50" if slow_enabled() else "3"))
-
-
-class FaultFS:
-    def __init__(self, root, seed: int) -> None:
-        self.backing = root / "backing"
-        self.path = root / "faulty"
-        self.spec = root / "faultfs.json"
-        self.backing.mkdir()
-        self.path.mkdir()
-        self.spec.write_text("{}")
-        env = dict(os.environ, FAULTFS_SEED=str(seed))
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "faultfs.py"),
-                                      str(self.backing), str(self.path), str(self.spec)], env=env)
-        deadline = time.monotonic() + 20
-        while not is_mounted(self.path):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "faultfs did not mount"
-            time.sleep(0.05)
-
-    def set(self, **spec) -> None:
-        self.spec.write_text(json.dumps(spec))
-        self.proc.send_signal(signal.SIGUSR1)
-        time.sleep(0.2)
-
-    def power_cut(self) -> None:
-        self.proc.send_signal(signal.SIGUSR2)
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        force_unmount(self.path)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture
 def faultfs(tmp_path):
     made = []
 
-    def make(seed: int) -> FaultFS:
-        fs = FaultFS(tmp_path, seed)
+    def make(seed: int) -> FaultFSMount:
+        fs = FaultFSMount(tmp_path, seed)
         made.append(fs)
         return fs
     yield make
@@ -68,7 +34,8 @@ def faultfs(tmp_path):
         fs.stop()
 
 
-def power_loss_round(v, fs: FaultFS, rng: random.Random, round_no: int) -> tuple[int, int | None]:
+def power_loss_round(v, fs: FaultFSMount, rng: random.Random, round_no: int,
+                     min_acked: int = 0) -> tuple[int, int | None]:
     """Run the workload, cut the power; returns (last acknowledged commit, commits restored)."""
     m = v.mount()
     out_path = v.root / f"workload{round_no}.out"
@@ -76,6 +43,9 @@ def power_loss_round(v, fs: FaultFS, rng: random.Random, round_no: int) -> tuple
         worker = subprocess.Popen([sys.executable, str(REPO / "tests" / "workload.py"),
                                    str(m.path), "--commits", "100000"],
                                   stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while out_path.read_text().count("commit ") < min_acked and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(rng.uniform(0.3, 1.5))
         m.kill()          # the machine stops: the daemon gets no chance to flush
         fs.power_cut()    # ...and the disks lose what was not synced
@@ -115,7 +85,7 @@ def test_negative_control_lying_fsync_is_caught(tmp_path, faultfs):
                     replica_paths=[fs.path / f"r{i}" for i in range(2)])
     fs.set(ignore_fsync=True)  # fsync says yes but keeps nothing
     try:
-        acked, restored = power_loss_round(v, fs, random.Random(1), 0)
+        acked, restored = power_loss_round(v, fs, random.Random(1), 0, min_acked=5)
     finally:
         for m in v.mounts:
             m.kill()

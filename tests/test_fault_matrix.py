@@ -1,0 +1,97 @@
+"""Replica fault matrix on faultfs: EIO on write, on fsync, on read, and a replica that stops
+answering.  For each: the mount stays up, calls return within the deadline, the errno is
+right, nothing acknowledged is lost, status names the replica, scrub heals it afterwards."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+
+import pytest
+
+import workload
+from conftest import FaultFSMount, lnmirror, make_volume
+
+DEADLINE = 2.0
+
+
+@pytest.fixture
+def faulty_volume(tmp_path):
+    """n=3, k=1 (W=2); replica 2 lives on faultfs."""
+    (tmp_path / "fs").mkdir()
+    fs = FaultFSMount(tmp_path / "fs", seed=0)
+    v = make_volume(tmp_path / "vol", n=3, k=1,
+                    replica_paths=[tmp_path / "a", tmp_path / "b", fs.path / "c"])
+    yield v, fs
+    fs.set()  # release anything stalled before tearing down
+    for m in v.mounts:
+        m.kill()
+    fs.stop()
+
+
+def states(m) -> list[str]:
+    return [r["state"] for r in json.loads(m.status("--json").stdout)["replicas"]]
+
+
+@pytest.mark.parametrize("fault", ["errno_write", "errno_fsync", "stall"])
+def test_write_side_faults_degrade_and_heal(faulty_volume, fault):
+    v, fs = faulty_volume
+    m = v.mount("--deadline", str(DEADLINE))
+    workload.run(str(m.path), 10)
+    fs.set(**{fault: True if fault == "stall" else errno.EIO})
+    started = time.monotonic()
+    workload.run(str(m.path), 10)  # goes on with the two healthy replicas
+    assert time.monotonic() - started < 10 * DEADLINE
+    time.sleep(DEADLINE + 0.5)  # a stalled replica is declared FAULTED once past the deadline
+    assert states(m) == ["ONLINE", "ONLINE", "FAULTED"]
+    assert m.status().returncode == 1
+    fs.set()  # the fault clears
+    proc = lnmirror("scrub", str(m.path), "--json", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["healed_replicas"] == [str(v.replicas[2])]
+    assert states(m) == ["ONLINE"] * 3
+    workload.run(str(m.path), 5)
+    assert m.unmount() == 0
+    out = v.root / "out"
+    v.restore(out, replicas=[v.replicas[2], v.replicas[0]])
+    assert workload.check_db(str(out)) == 25
+
+
+def test_read_errors_are_served_elsewhere(faulty_volume):
+    v, fs = faulty_volume
+    m = v.mount("--deadline", str(DEADLINE))
+    data = os.urandom(300_000)
+    (m.path / "blob").write_bytes(data)
+    assert m.unmount() == 0
+    m = v.mount("--deadline", str(DEADLINE))  # cold cache: reads go to the replicas
+    fs.set(errno_read=errno.EIO)
+    for _ in range(3):
+        assert (m.path / "blob").read_bytes() == data
+    fs.set()
+    assert m.unmount() == 0
+
+
+def test_stalled_replica_below_quorum_gives_eio_not_a_hang(tmp_path):
+    fsroot = tmp_path / "fs"
+    fsroot.mkdir()
+    fs = FaultFSMount(fsroot, seed=0)
+    v = make_volume(tmp_path / "vol", n=2, k=1, replica_paths=[tmp_path / "a", fs.path / "b"])
+    try:
+        m = v.mount("--deadline", str(DEADLINE))
+        (m.path / "kept").write_text("acknowledged")
+        fs.set(stall=True)
+        started = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            with open(m.path / "new", "w") as f:
+                f.write("x")
+        assert exc.value.errno == errno.EIO
+        assert time.monotonic() - started < 3 * DEADLINE
+        assert (m.path / "kept").read_text() == "acknowledged"  # the mount is alive
+        assert json.loads(m.status("--json").stdout)["state"] == "SUSPENDED"
+    finally:
+        fs.set()
+        for mount in v.mounts:
+            mount.kill()
+        fs.stop()
