@@ -26,7 +26,7 @@ async def _writeback(volume: Volume) -> None:
         await trio.sleep(WRITEBACK_SECONDS)
         volume.check_deadlines()
         volume.report_changes()
-        if volume.dirty and not volume.suspended:
+        if (volume.dirty or volume.unused) and not volume.suspended:
             try:
                 await volume.sync()
             except OSError as exc:
@@ -66,8 +66,7 @@ async def _main(volume: Volume, control_path: str) -> None:
         nursery.cancel_scope.cancel()
     if volume.suspended:
         return
-    if volume.dirty:
-        await volume.sync()
+    await volume.sync()
     await volume.record_errors()
     async with volume.lock:
         await volume.snapshot()

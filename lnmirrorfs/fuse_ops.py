@@ -10,6 +10,7 @@ import errno
 import functools
 import itertools
 import logging
+import os
 import stat
 from dataclasses import dataclass
 
@@ -77,14 +78,24 @@ class Operations(pyfuse3.Operations):
             a.st_size = 0
         a.st_blksize = self.volume.block_size
         a.st_blocks = -(-a.st_size // 512)
-        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
+        mtime = self.volume.mtime_of(node)
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, mtime, max(node.ctime_ns, mtime)
         return a
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that gives the kernel a reference (it will forget it later)."""
+        self.volume.referenced(node.ino)
+        return self._attr(node)
 
     # ---- names and attributes ----
 
     @_guard
     async def lookup(self, parent_inode, name, ctx):
-        return self._attr(self.volume.lookup(parent_inode, name))
+        return self._entry(self.volume.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            self.volume.forgotten(inode, count)
 
     @_guard
     async def getattr(self, inode, ctx):
@@ -122,28 +133,28 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         node = await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev)
-        return self._attr(node)
+        return self._entry(node)
 
     @_guard
     async def mkdir(self, parent_inode, name, mode, ctx):
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
-        return self._attr(await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._entry(await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_guard
     async def symlink(self, parent_inode, name, target, ctx):
         node = await self.volume.mknod(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
                                        target=target)
-        return self._attr(node)
+        return self._entry(node)
 
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
         mode = stat.S_IFREG | stat.S_IMODE(mode)
         node = await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid)
-        return self._open_handle(node.ino), self._attr(node)
+        return self._open_handle(node.ino), self._entry(node)
 
     @_guard
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._attr(await self.volume.link(inode, new_parent_inode, new_name))
+        return self._entry(await self.volume.link(inode, new_parent_inode, new_name))
 
     @_guard
     async def unlink(self, parent_inode, name, ctx):
@@ -167,12 +178,14 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.is_dir:
             raise fail(errno.EISDIR)
+        if flags & os.O_TRUNC and node.is_reg:
+            # libfuse enables atomic O_TRUNC: the kernel sends no setattr, we truncate here.
+            await self.volume.setattr(inode, size=0)
         return self._open_handle(inode)
 
     def _open_handle(self, ino: int) -> pyfuse3.FileInfo:
         handle = next(self._next_handle)
         self._file_handles[handle] = FileHandle(ino)
-        self.volume.opened(ino)
         # keep_cache: we are the only writer, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
@@ -223,6 +236,7 @@ class Operations(pyfuse3.Operations):
                 continue  # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attr(node), position + 1):
                 break
+            self.volume.referenced(ino)  # each entry given is a lookup the kernel will forget
 
     @_guard
     async def releasedir(self, fh):

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import os
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -172,7 +173,9 @@ class Volume:
         self.dirty: dict[int, dict[int, bytearray]] = {}
         self.inflight: dict[int, dict[int, bytes]] = {}
         self.pending_size: dict[int, int] = {}
-        self.open_count: dict[int, int] = {}
+        self.pending_mtime: dict[int, int] = {}
+        self.refs: dict[int, int] = {}           # kernel lookup counts (FUSE forget protocol)
+        self.unused: set[int] = set()            # orphans the kernel forgot: free next record
         self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self.bad_shares: set[tuple[int, int, int]] = set()  # (replica index, ino, block)
         self.log_bytes = 0
@@ -306,14 +309,19 @@ class Volume:
 
     async def commit(self, ops: list[dict], inos: Iterable[int] = ()) -> None:
         """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
+        inos = list(inos)
         if self.suspended:
             raise fail(errno.EIO, self.suspended)
         if not self.writable:
             raise fail(errno.EROFS, "volume opened read-only")
         seq = self.tree.seq + 1
+        freed = self._take_unused()
+        for node in freed:
+            self.dirty.pop(node.ino, None)
         slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
         write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
-        ops = self._blame_ops() + write_ops + ops
+        ops = (self._blame_ops() + [{"op": "free", "ino": n.ino} for n in freed]
+               + write_ops + ops)
         if not ops:
             return
         sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, seq, encode_ops(ops))
@@ -333,7 +341,9 @@ class Volume:
             self._requeue_inflight([op["ino"] for op in write_ops])
             raise fail(errno.EIO, self.suspended)
         self.tree.apply(seq, ops)
-        self._settle_inflight([op["ino"] for op in write_ops])
+        self._settle_inflight(inos)
+        for node in freed:
+            self._forget(node)
         self.log_bytes += len(records[0])
         if self.log_bytes > self.options.snapshot_log_bytes:
             await self.snapshot()
@@ -360,14 +370,19 @@ class Volume:
                 slots[i].append((ino, offset, format.pack_slot(seq, checksum, share)))
             packed.append(index << 1 | slot)
         return {"op": "write", "ino": ino, "blocks": packed,
-                "size": self.pending_size.get(ino, node.size), "mtime": time.time_ns()}
+                "size": self.pending_size.get(ino, node.size),
+                "mtime": self.pending_mtime.get(ino, time.time_ns())}
 
-    def _settle_inflight(self, inos: list[int]) -> None:
+    def _settle_inflight(self, inos: Iterable[int]) -> None:
+        """After a commit of these inodes: their blocks are durable, their size and mtime
+        are in the tree (a truncate may have left an empty dirty table: drop it too)."""
         for ino in inos:
             for index, data in self.inflight.pop(ino, {}).items():
                 self._cache_put(ino, index, data)
-            if ino not in self.dirty:
+            if not self.dirty.get(ino):
+                self.dirty.pop(ino, None)
                 self.pending_size.pop(ino, None)
+                self.pending_mtime.pop(ino, None)
 
     def _requeue_inflight(self, inos: list[int]) -> None:
         for ino in inos:
@@ -456,6 +471,10 @@ class Volume:
     def size_of(self, node: Inode) -> int:
         return self.pending_size.get(node.ino, node.size)
 
+    def mtime_of(self, node: Inode) -> int:
+        """Written but not yet committed data has already changed the file's mtime."""
+        return self.pending_mtime.get(node.ino, node.mtime_ns)
+
     async def read(self, ino: int, offset: int, length: int) -> bytes:
         node = self.tree.inodes[ino]
         end = min(offset + length, self.size_of(node))
@@ -493,6 +512,7 @@ class Volume:
                 buf[lo:lo + take] = data[pos:pos + take]
             pos += take
         self.pending_size[ino] = max(self.size_of(node), offset + len(data))
+        self.pending_mtime[ino] = time.time_ns()
         if sum(map(len, self.dirty.values())) * bs > self.options.dirty_bytes:
             await self.sync(ino)
         return len(data)
@@ -509,6 +529,8 @@ class Volume:
 
     def lookup(self, parent: int, name: bytes) -> Inode:
         node = self._dir(parent)
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
         if name == b".":
             return node
         child = self.tree.child(parent, name)
@@ -536,7 +558,11 @@ class Volume:
                     rdev: int = 0, target: bytes = b"") -> Inode:
         """Create a file, directory, symlink, socket, FIFO or device node."""
         async with self.lock:
-            self._new_name(parent, name)
+            parent_node = self._new_name(parent, name)
+            if parent_node.mode & stat.S_ISGID:  # BSD group semantics of set-group-ID dirs
+                gid = parent_node.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
             ino = self.tree.next_ino
             op = {"op": "mknod", "ino": ino, "parent": parent, "name": _j(name), "mode": mode,
                   "uid": uid, "gid": gid, "rdev": rdev, "time": time.time_ns()}
@@ -651,35 +677,48 @@ class Volume:
             r.worker.submit(partial(r.truncate_data, node.ino, blocks, self.slot_size),
                             lambda result, error: None)
 
-    # ---- open files and freeing ----
+    # ---- kernel references and freeing ----
 
-    def opened(self, ino: int) -> None:
-        self.open_count[ino] = self.open_count.get(ino, 0) + 1
+    def referenced(self, ino: int, count: int = 1) -> None:
+        """The kernel learned of the inode (lookup, create, a readdirplus entry...)."""
+        self.refs[ino] = self.refs.get(ino, 0) + count
 
-    async def released(self, ino: int) -> None:
-        left = self.open_count.get(ino, 0) - 1
+    def forgotten(self, ino: int, count: int) -> None:
+        """The kernel dropped references (FUSE forget).  An inode with no name that the
+        kernel no longer knows (so nothing has it open) is freed in the next record."""
+        left = self.refs.get(ino, 0) - count
         if left > 0:
-            self.open_count[ino] = left
+            self.refs[ino] = left
             return
-        self.open_count.pop(ino, None)
+        self.refs.pop(ino, None)
         node = self.tree.inodes.get(ino)
         if node is not None and node.nlink == 0:
-            async with self.lock:
-                await self._free(node)
-        elif ino in self.dirty:
+            self.unused.add(ino)
+
+    async def released(self, ino: int) -> None:
+        """A file handle closed: whatever was written through it (or an mmap) is committed."""
+        node = self.tree.inodes.get(ino)
+        if node is not None and node.nlink > 0 and ino in self.dirty:
             await self.sync(ino)
 
     def _free_ops(self, node: Inode, names_lost: int) -> list[dict]:
-        """A `free` op, to go in the same record, if the change leaves the inode with no
-        name and no open file (so unlinking a closed file costs one commit, not two)."""
+        """A `free` op for the same record if the change leaves the inode with no name and
+        the kernel holds no reference to it (offline use; through FUSE it comes on forget)."""
         remaining = 0 if node.is_dir else node.nlink - names_lost
-        if remaining > 0 or self.open_count.get(node.ino):
+        if remaining > 0 or self.refs.get(node.ino):
             return []
         return [{"op": "free", "ino": node.ino}]
 
+    def _take_unused(self) -> list[Inode]:
+        """Orphans to free in the record being built (they ride along: no commit of their own)."""
+        nodes = [self.tree.inodes[i] for i in sorted(self.unused) if i in self.tree.inodes
+                 and self.tree.inodes[i].nlink == 0 and not self.refs.get(i)]
+        self.unused.clear()
+        return nodes
+
     def _forget(self, node: Inode) -> None:
         """Drop what memory and the replicas still hold of an inode whose free committed."""
-        for table in (self.dirty, self.inflight, self.pending_size):
+        for table in (self.dirty, self.inflight, self.pending_size, self.pending_mtime):
             table.pop(node.ino, None)
         for key in [key for key in self.cache if key[0] == node.ino]:
             del self.cache[key]
@@ -687,17 +726,10 @@ class Volume:
             for r in self.online:
                 r.worker.submit(partial(r.remove_data, node.ino), lambda result, error: None)
 
-    async def _free(self, node: Inode) -> None:
-        """Free an orphan (no name left) once nothing has it open.  Caller holds the lock."""
-        if node.ino in self.tree.inodes and self._free_ops(node, 0):
-            await self.commit(self._free_ops(node, 0))
-            self._forget(node)
-
     async def free_orphans(self) -> None:
         """After a crash nothing is open: forget inodes whose last name was removed."""
-        async with self.lock:
-            for ino in self.tree.orphans():
-                await self._free(self.tree.inodes[ino])
+        self.unused.update(self.tree.orphans())
+        await self.sync()
 
     # ---- volume-wide ----
 

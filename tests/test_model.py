@@ -7,10 +7,19 @@ full; after every seed the volume is also unmounted cleanly, mounted again, and 
 once more, so everything has to survive a remount.
 
 The mount is made once per test function; every seed works in its own subdirectory
-`s<seed>` (the earlier seeds' trees stay and keep being compared).
+`s<seed>` (the earlier seeds' trees stay and keep being compared).  What is compared:
+paths, type, st_mode, owner, size and nlink (not for directories), file contents, symlink
+targets, which paths are hard links of each other, and st_mtime_ns of regular files whose
+mtime was last set explicitly (utime/futimens); never st_ino, atime, ctime, directory
+size or nlink.
 
-Replay a failure with the seed it prints:
-    LNMIRROR_MODEL_SEEDS=<seed> [LNMIRROR_MODEL_OPS=<n>] pytest -q tests/test_model.py::test_model
+Environment:
+    LNMIRROR_MODEL_SEEDS=1,2,3   seeds to run instead of a test's default ones (replay)
+    LNMIRROR_MODEL_OPS=600       operations per seed
+    LNMIRROR_SLOW=1              also run test_model_long
+
+Replay a failure with the command it prints, e.g.
+    LNMIRROR_MODEL_SEEDS=<seed> pytest -q tests/test_model.py::test_model
 """
 
 from __future__ import annotations
@@ -28,25 +37,14 @@ from pathlib import Path
 import pytest
 
 NAMES = ["a", "b", "c", "d", "e", "f"]
-BS = 4096                       # the default block size of `lnmirror init`
+LONGEST, TOO_LONG = "L" * 255, "T" * 256      # NAME_MAX is 255 on both
+DEFAULT_BS = 4096               # the default block size of `lnmirror init`
 CHECK_EVERY = 25
 # Times set explicitly are drawn from 2001..2008; anything newer was set by the filesystem.
 EXPLICIT_LO, EXPLICIT_HI = 1_000_000_000 * 10**9, 1_200_000_000 * 10**9
 FILE_MODES = [0o400, 0o600, 0o644, 0o666, 0o755, 0o000, 0o700, 0o4755, 0o2644]
 DIR_MODES = [0o755, 0o700, 0o777, 0o1777, 0o500, 0o000]
 SEED_TIMEOUT = 180.0            # a hung FUSE request must fail the test, not hang it
-
-# Known discrepancies the generator can be told to step around (LNMIRROR_MODEL_AVOID=a,b),
-# so that a run can look past them for further ones.  By default nothing is avoided.
-KNOWN = {
-    "open_special": "an open FIFO or directory whose last name is removed loses its inode: "
-                    "fstat/fchmod/readdir on the descriptor give ENOENT",
-    "mtime_lag": "a write through an open descriptor does not change mtime until the data "
-                 "is committed, and a stat in between caches the old mtime for 5 s",
-}
-AVOID = set(os.environ.get("LNMIRROR_MODEL_AVOID", "").replace(",", " ").split())
-assert AVOID <= set(KNOWN), f"unknown LNMIRROR_MODEL_AVOID entries: {AVOID - set(KNOWN)}"
-
 
 def _env_ints(name: str, default: list[int]) -> list[int]:
     raw = os.environ.get(name, "")
@@ -79,7 +77,7 @@ def short(data: bytes) -> str:
 
 def stat_view(st: os.stat_result) -> dict:
     """What must agree in a stat: type and mode always; size and nlink but not for dirs."""
-    out = {"mode": oct(st.st_mode)}
+    out = {"mode": oct(st.st_mode), "owner": (st.st_uid, st.st_gid)}
     if not stat.S_ISDIR(st.st_mode):
         out["size"] = st.st_size
         out["nlink"] = st.st_nlink
@@ -138,11 +136,11 @@ def diff_states(m: dict, p: dict) -> list[str]:
 class Runner:
     """Runs one seed's operations on both trees and compares every outcome."""
 
-    def __init__(self, seed: int, mroot: Path, proot: Path, mount) -> None:
-        self.seed = seed
+    def __init__(self, seed: int, mroot: Path, proot: Path, test: str,
+                 block_size: int = DEFAULT_BS) -> None:
+        self.seed, self.test, self.bs = seed, test, block_size
         self.rng = random.Random(seed)
         self.mroot, self.proot = mroot, proot
-        self.mount = mount
         self.run = f"s{seed}"
         self.handles: list[Handle] = []
         self.log: list[str] = []
@@ -151,12 +149,14 @@ class Runner:
     # ---- plumbing ----
 
     def fail(self, message: str) -> None:
-        tail = "\n".join(self.log[-60:])
+        message = message.replace(TOO_LONG, "T*256").replace(LONGEST, "L*255")
+        tail = "\n".join(self.log[-int(os.environ.get("LNMIRROR_MODEL_TAIL", "60")):])
         raise Mismatch(f"seed {self.seed}, step {self.step}: {message}\n"
                        f"replay: LNMIRROR_MODEL_SEEDS={self.seed} pytest -q tests/test_model.py"
-                       f"::test_model\nlast operations:\n{tail}")
+                       f"::{self.test}\nlast operations:\n{tail}")
 
     def note(self, desc: str) -> None:
+        desc = desc.replace(TOO_LONG, "T*256").replace(LONGEST, "L*255")
         self.log.append(f"{self.step:4d} {desc}")
 
     def both(self, desc: str, fn: Callable[[Path], object]) -> tuple:
@@ -210,12 +210,39 @@ class Runner:
     # ---- random choices ----
 
     def name(self) -> str:
+        r = self.rng.random()
+        if r < 0.02:
+            return LONGEST
+        if r < 0.04:
+            return TOO_LONG
         return self.rng.choice(NAMES)
 
-    def path(self) -> str:
+    def path(self, kind: str = "", p: float = 0.75) -> str:
+        """A random path from the name pool; with probability p instead an existing entry of
+        the kind asked for (looked up in the plain tree, which so far agrees with the mount)."""
+        existing = self.rng.random() < p and self.existing(kind) if kind else []
+        if existing:
+            return self.rng.choice(existing)
         if self.rng.random() < 0.5:
             return f"{self.run}/{self.name()}"
         return f"{self.run}/{self.name()}/{self.name()}"
+
+    def existing(self, kind: str) -> list[str]:
+        found = []
+        for rel in sorted(self._entries(self.run)):
+            mode = os.lstat(self.proot / rel).st_mode
+            if (kind == "any" or (kind == "file" and stat.S_ISREG(mode))
+                    or (kind == "dir" and stat.S_ISDIR(mode))
+                    or (kind == "link" and stat.S_ISLNK(mode))
+                    or (kind == "nondir" and not stat.S_ISDIR(mode))):
+                found.append(rel)
+        return found
+
+    def _entries(self, rel: str, depth: int = 2):
+        for name in os.listdir(self.proot / rel):
+            yield f"{rel}/{name}"
+            if depth > 1 and stat.S_ISDIR(os.lstat(self.proot / rel / name).st_mode):
+                yield from self._entries(f"{rel}/{name}", depth - 1)
 
     def size(self) -> int:
         r = self.rng.random()
@@ -232,9 +259,9 @@ class Runner:
         if r < 0.2:
             return 0
         if r < 0.4:
-            return max(0, self.rng.randint(0, 3) * BS + self.rng.randint(-2, 2))
+            return max(0, self.rng.randint(0, 3) * self.bs + self.rng.randint(-2, 2))
         if r < 0.7:
-            return self.rng.randint(0, 2 * BS)
+            return self.rng.randint(0, 2 * self.bs)
         return self.rng.randint(0, 40000)
 
     def data(self) -> bytes:
@@ -264,7 +291,7 @@ class Runner:
     # ---- operations on paths ----
 
     def op_create(self) -> None:
-        path, mode = self.path(), self.rng.choice(FILE_MODES)
+        path, mode = self.path("file", 0.4), self.rng.choice(FILE_MODES)
         excl = self.rng.random() < 0.5
         data = self.data() if self.rng.random() < 0.7 else b""
         flags = os.O_CREAT | os.O_WRONLY | os.O_NONBLOCK | (os.O_EXCL if excl else 0)
@@ -277,8 +304,21 @@ class Runner:
                 os.close(fd)
         self.both(f"create {path} mode={mode:o} excl={excl} write {short(data)}", fn)
 
+    def op_rewrite(self) -> None:
+        """The everyday way to replace a file's content: open(O_CREAT|O_TRUNC), write, close."""
+        path, data = self.path("file", 0.8), self.data()
+        mode = self.rng.choice(FILE_MODES)
+
+        def fn(root: Path) -> int:
+            fd = os.open(root / path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, mode)
+            try:
+                return os.write(fd, data)
+            finally:
+                os.close(fd)
+        self.both(f"rewrite (O_TRUNC) {path} mode={mode:o} {short(data)}", fn)
+
     def op_write(self) -> None:
-        path, off, data = self.path(), self.offset(), self.data()
+        path, off, data = self.path("file", 0.8), self.offset(), self.data()
 
         def fn(root: Path) -> int:
             fd = os.open(root / path, os.O_WRONLY | os.O_NONBLOCK)
@@ -289,7 +329,7 @@ class Runner:
         self.both(f"pwrite {path} off={off} {short(data)}", fn)
 
     def op_append(self) -> None:
-        path, data = self.path(), self.data()
+        path, data = self.path("file", 0.8), self.data()
 
         def fn(root: Path) -> tuple:
             fd = os.open(root / path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
@@ -301,7 +341,8 @@ class Runner:
         self.both(f"append {path} {short(data)}", fn)
 
     def op_read(self) -> None:
-        path, off, n = self.path(), self.offset(), self.rng.choice([1, 100, BS, 3 * BS, 50000])
+        path, off = self.path("file", 0.8), self.offset()
+        n = self.rng.choice([1, 100, self.bs, 3 * self.bs, 50000])
 
         def fn(root: Path) -> bytes:
             fd = os.open(root / path, os.O_RDONLY | os.O_NONBLOCK)
@@ -312,15 +353,15 @@ class Runner:
         self.both(f"pread {path} off={off} n={n}", fn)
 
     def op_truncate(self) -> None:
-        path = self.path()
-        size = self.rng.choice([0, self.rng.randint(0, 2 * BS), self.rng.randint(0, 40000),
-                                self.rng.randint(1, 8) * BS])
+        path = self.path("file", 0.8)
+        size = self.rng.choice([0, self.rng.randint(0, 2 * self.bs), self.rng.randint(0, 40000),
+                                self.rng.randint(1, 8) * self.bs])
         self.both(f"truncate {path} {size}", lambda root: os.truncate(root / path, size))
 
     def op_open_keep(self) -> None:
         if len(self.handles) >= 6:
             self.close_handle(self.rng.choice(self.handles))
-        path, (flags, fname) = self.path(), self.open_flags()
+        path, (flags, fname) = self.path("file", 0.6), self.open_flags()
         mode = self.rng.choice(FILE_MODES)
         desc = f"open {path} {fname} mode={mode:o}"
         self.note(desc)
@@ -330,8 +371,6 @@ class Runner:
             h = Handle(got_m[1], got_p[1], f"{path} {fname} @{self.step}")
             self.handles.append(h)
             self.log[-1] += "  -> ok"
-            if "open_special" in AVOID and not stat.S_ISREG(os.fstat(h.pfd).st_mode):
-                self.close_handle(h)
             return
         for kind, fd in (got_m, got_p):
             if kind == "ok":
@@ -345,15 +384,15 @@ class Runner:
         self.both(f"mkdir {path} {mode:o}", lambda root: os.mkdir(root / path, mode))
 
     def op_rmdir(self) -> None:
-        path = self.path()
+        path = self.path("dir", 0.7)
         self.both(f"rmdir {path}", lambda root: os.rmdir(root / path))
 
     def op_unlink(self) -> None:
-        path = self.path()
+        path = self.path("nondir", 0.7)
         self.both(f"unlink {path}", lambda root: os.unlink(root / path))
 
     def op_rename(self) -> None:
-        src, dst = self.path(), self.path()
+        src, dst = self.path("any", 0.8), self.path("any", 0.4)
         self.both(f"rename {src} -> {dst}", lambda root: os.rename(root / src, root / dst))
 
     def op_rename_into_self(self) -> None:
@@ -364,7 +403,7 @@ class Runner:
         self.both(f"rename {src} -> {dst}", lambda root: os.rename(root / src, root / dst))
 
     def op_link(self) -> None:
-        src, dst = self.path(), self.path()
+        src, dst = self.path("file", 0.8), self.path()
         follow = self.rng.random() < 0.7
         self.both(f"link {src} -> {dst} follow={follow}",
                   lambda root: os.link(root / src, root / dst, follow_symlinks=follow))
@@ -376,15 +415,22 @@ class Runner:
         self.both(f"symlink {path} -> {target}", lambda root: os.symlink(target, root / path))
 
     def op_readlink(self) -> None:
-        path = self.path()
+        path = self.path("link", 0.8)
         self.both(f"readlink {path}", lambda root: os.readlink(root / path))
 
     def op_chmod(self) -> None:
-        path, mode = self.path(), self.rng.choice(FILE_MODES + DIR_MODES)
+        modes = FILE_MODES + DIR_MODES
+        path, mode = self.path("any", 0.7), self.rng.choice(modes)
         self.both(f"chmod {path} {mode:o}", lambda root: os.chmod(root / path, mode))
 
+    def op_chown(self) -> None:
+        path, uid, gid = self.path("any", 0.7), self.rng.choice([0, 1000]), self.rng.choice([0, 1000])
+        follow = self.rng.random() < 0.7
+        self.both(f"chown {path} {uid}:{gid} follow={follow}",
+                  lambda root: os.chown(root / path, uid, gid, follow_symlinks=follow))
+
     def op_utime(self) -> None:
-        path, times = self.path(), (self.explicit_ns(), self.explicit_ns())
+        path, times = self.path("file", 0.8), (self.explicit_ns(), self.explicit_ns())
         self.both(f"utime {path} ns={times}", lambda root: os.utime(root / path, ns=times))
 
     def op_mkfifo(self) -> None:
@@ -392,19 +438,19 @@ class Runner:
         self.both(f"mkfifo {path} {mode:o}", lambda root: os.mkfifo(root / path, mode))
 
     def op_stat(self) -> None:
-        path = self.path()
+        path = self.path("any", 0.5)
         if self.rng.random() < 0.5:
             self.both(f"lstat {path}", lambda root: stat_view(os.lstat(root / path)))
         else:
             self.both(f"stat {path}", lambda root: stat_view(os.stat(root / path)))
 
     def op_listdir(self) -> None:
-        path = self.rng.choice([self.run, self.path()])
+        path = self.rng.choice([self.run, self.path("dir", 0.7)])
         self.both(f"listdir {path}", lambda root: sorted(os.listdir(root / path)))
 
     def op_unlink_open(self) -> None:
         """Open a file, remove its name, then keep using it through the descriptor."""
-        path = self.path()
+        path = self.path("file", 0.8)
         create = self.rng.random() < 0.5
         flags = os.O_RDWR | os.O_NONBLOCK | (os.O_CREAT if create else 0)
         desc = f"open {path} RDWR{'|CREAT' if create else ''}"
@@ -420,9 +466,6 @@ class Runner:
             return
         h = Handle(got_m[1], got_p[1], f"{path} RDWR unlinked @{self.step}")
         self.handles.append(h)
-        if "open_special" in AVOID and not stat.S_ISREG(os.fstat(h.pfd).st_mode):
-            self.close_handle(h)
-            return
         self.both(f"unlink {path} (open)", lambda root: os.unlink(root / path))
         for _ in range(self.rng.randint(1, 4)):
             if h in self.handles:
@@ -446,25 +489,21 @@ class Runner:
         if r < 0.25:
             off, data = self.offset(), self.data()
             self.both_fd(f"pwrite off={off} {short(data)}", h, lambda fd: os.pwrite(fd, data, off))
-            if "mtime_lag" in AVOID:
-                self.both_fd("fsync", h, os.fsync)
         elif r < 0.35:
             data = self.data()
             self.both_fd(f"write {short(data)}", h,
                          lambda fd: (os.write(fd, data), os.lseek(fd, 0, os.SEEK_CUR)))
-            if "mtime_lag" in AVOID:
-                self.both_fd("fsync", h, os.fsync)
         elif r < 0.5:
-            off, n = self.offset(), self.rng.choice([1, 100, BS, 50000])
+            off, n = self.offset(), self.rng.choice([1, 100, self.bs, 50000])
             self.both_fd(f"pread off={off} n={n}", h, lambda fd: os.pread(fd, n, off))
         elif r < 0.55:
-            n = self.rng.choice([10, BS, 50000])
+            n = self.rng.choice([10, self.bs, 50000])
             self.both_fd(f"read n={n}", h, lambda fd: os.read(fd, n))
         elif r < 0.6:
             off, whence = self.offset(), self.rng.choice([os.SEEK_SET, os.SEEK_CUR, os.SEEK_END])
             self.both_fd(f"lseek {off} whence={whence}", h, lambda fd: os.lseek(fd, off, whence))
         elif r < 0.72:
-            size = self.rng.choice([0, self.rng.randint(0, 2 * BS), self.rng.randint(0, 40000)])
+            size = self.rng.choice([0, self.rng.randint(0, 2 * self.bs), self.rng.randint(0, 40000)])
             self.both_fd(f"ftruncate {size}", h, lambda fd: os.ftruncate(fd, size))
         elif r < 0.8:
             self.both_fd("fsync", h, os.fsync)
@@ -484,8 +523,9 @@ class Runner:
     # ---- driver ----
 
     OPS = [
-        ("op_create", 7), ("op_write", 8), ("op_append", 4), ("op_read", 4), ("op_truncate", 4),
-        ("op_open_keep", 4), ("op_fd", 14), ("op_mkdir", 6), ("op_rmdir", 3), ("op_unlink", 4),
+        ("op_create", 6), ("op_rewrite", 3), ("op_write", 8), ("op_append", 4), ("op_read", 4),
+        ("op_truncate", 4), ("op_chown", 1),
+        ("op_open_keep", 4), ("op_fd", 14), ("op_mkdir", 4), ("op_rmdir", 3), ("op_unlink", 4),
         ("op_rename", 7), ("op_rename_into_self", 1), ("op_link", 3), ("op_symlink", 3),
         ("op_readlink", 1), ("op_chmod", 3), ("op_utime", 3), ("op_mkfifo", 1), ("op_stat", 3),
         ("op_listdir", 2), ("op_unlink_open", 2),
@@ -503,12 +543,14 @@ class Runner:
         self.compare_trees("end of seed, all closed")
 
 
-def run_model(volume, tmp_path: Path, seeds: list[int], n_ops: int) -> None:
-    plain = tmp_path / "plain"
+def run_model(volume, plain: Path, seeds: list[int], n_ops: int, test: str,
+              block_size: int = DEFAULT_BS) -> None:
+    """Run every seed on one mount of `volume`; after each seed unmount cleanly, mount
+    again and compare once more."""
     plain.mkdir()
     mount = volume.mount()
     for seed in seeds:
-        runner = Runner(seed, mount.path, plain, mount)
+        runner = Runner(seed, mount.path, plain, test, block_size)
         timed_out = threading.Event()
 
         def watchdog(m=mount, flag=timed_out) -> None:
@@ -542,14 +584,25 @@ def run_model(volume, tmp_path: Path, seeds: list[int], n_ops: int) -> None:
         runner.compare_trees("after remount")
 
 
-SEEDS = _env_ints("LNMIRROR_MODEL_SEEDS", [1, 2, 3, 4])
-N_OPS = _env_ints("LNMIRROR_MODEL_OPS", [400])[0]
+def seeds(default: list[int]) -> list[int]:
+    return _env_ints("LNMIRROR_MODEL_SEEDS", default)
+
+
+N_OPS = _env_ints("LNMIRROR_MODEL_OPS", [600])[0]
 
 
 def test_model(volume, tmp_path):
-    run_model(volume, tmp_path, SEEDS, N_OPS)
+    """2 replicas, k=1, 4 KiB blocks."""
+    run_model(volume, tmp_path / "plain", seeds(list(range(1, 9))), N_OPS, "test_model")
+
+
+def test_model_k2_of_3(make_vol, tmp_path):
+    """3 replicas, k=2 (every block really FEC-decoded), 1 KiB blocks (more block edges)."""
+    volume = make_vol(n=3, k=2, extra=("--block-size", "1024"))
+    run_model(volume, tmp_path / "plain", seeds([1001, 1002, 1003, 1004]), N_OPS, "test_model_k2_of_3",
+              block_size=1024)
 
 
 @pytest.mark.slow
 def test_model_long(volume, tmp_path):
-    run_model(volume, tmp_path, list(range(100, 120)), 1500)
+    run_model(volume, tmp_path / "plain", seeds(list(range(100, 130))), 1500, "test_model_long")
