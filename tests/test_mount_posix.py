@@ -226,3 +226,12 @@ def test_errnos(mounted):
         with pytest.raises(OSError) as exc:
             call()
         assert exc.value.errno == expected, call
+
+
+def test_open_o_trunc_truncates_existing_file(volume, mounted):
+    path = mounted.path / "config"
+    path.write_bytes(b"x" * 10000)
+    path.write_bytes(b"short")  # open(O_WRONLY|O_CREAT|O_TRUNC), as every editor does
+    assert path.read_bytes() == b"short"
+    m = remount(volume, mounted)
+    assert (m.path / "config").read_bytes() == b"short"
