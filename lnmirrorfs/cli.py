@@ -624,18 +624,22 @@ def _mount(argv: list[str] | None) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if args.foreground:
         _setup_logging(foreground=True)
-        volume = open_volume(args.replica, args.key_file, volume_options(args))
-        _report_degraded(volume)
+        volume = _open_for_mount(args)
         daemon.serve(volume, mountpoint, fuse_options, control.socket_path(mountpoint),
                      ready=lambda: log.info("mounted %s", mountpoint), hook=args.on_degraded)
         return 0
     return _daemonize(lambda ready: daemon.serve(
-        _open_in_child(args), mountpoint, fuse_options, control.socket_path(mountpoint), ready,
+        _open_for_mount(args), mountpoint, fuse_options, control.socket_path(mountpoint), ready,
         hook=args.on_degraded))
 
 
-def _open_in_child(args: argparse.Namespace) -> Volume:
+def _open_for_mount(args: argparse.Namespace) -> Volume:
     volume = open_volume(args.replica, args.key_file, volume_options(args))
+    try:
+        volume.check_quorum()
+    except VolumeError as exc:
+        volume.close()
+        raise CliError(str(exc)) from None
     _report_degraded(volume)
     return volume
 

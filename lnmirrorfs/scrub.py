@@ -101,10 +101,14 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
         await _remove_extra_files(volume, targets, report, dry_run)
         volume.report_changes()
         report.seconds = round(time.monotonic() - started, 3)
-        if not dry_run and not volume.suspended:
+        recordable = not dry_run and not volume.suspended and len(volume.online) >= volume.quorum
+        if recordable:
             await volume.commit(_absolve_ops(volume) + [
                 {"op": "scrubbed", "report": _summary(report)}])
-    if not dry_run:
+        elif not dry_run:
+            report.unrepairable.append(f"result not recorded: only {len(volume.online)} "
+                                       f"replica(s) writable, the write quorum is {volume.quorum}")
+    if recordable:
         await volume.record_errors()
     return report
 

@@ -226,15 +226,18 @@ class Volume:
                 r.mark(FAULTED, f"cannot recover or open the log for writing: {exc.strerror}")
         volume = cls(replicas, keys, tree, options)
         volume.writable = writable
-        usable = len(volume.online)
-        if writable and usable < quorum:
-            volume.close()
-            problems = "; ".join(f"{r.path}: {r.state} ({r.reason})" for r in replicas
-                                 if r.state != ONLINE)
-            raise VolumeError(f"only {usable} replica(s) writable, the write quorum is {quorum}: "
-                              f"{problems}")
         volume.log_bytes = max((res.log_end for res in loaded.values()), default=0)
         return volume
+
+    def check_quorum(self) -> None:
+        """Refuse to serve writes that could never be acknowledged (a mount would only
+        give lightningd EIO on its first commit); scrub, which heals, does not ask."""
+        usable = len(self.online)
+        if usable < self.quorum:
+            problems = "; ".join(f"{r.path}: {r.state} ({r.reason})" for r in self.replicas
+                                 if r.state != ONLINE)
+            raise VolumeError(f"only {usable} replica(s) writable, the write quorum is "
+                              f"{self.quorum}: {problems}; heal with lnmirror scrub")
 
     def close(self) -> None:
         for r in self.replicas:

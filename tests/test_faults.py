@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 import workload
+from conftest import lnmirror
 
 
 def run(*cmd: str) -> None:
@@ -110,3 +111,16 @@ def test_lost_quorum_gives_eio_and_mount_survives(make_vol, tmp_path, mounts_to_
     assert status["state"] == "SUSPENDED"
     assert m.proc.poll() is None
     m.kill()
+
+
+def test_mount_refused_below_write_quorum_but_scrub_still_runs(make_vol, mounts_to_undo):
+    v = make_vol(n=2, k=1)  # W = 2
+    ro = str(v.replicas[1])
+    run("mount", "--bind", ro, ro)
+    mounts_to_undo.append(ro)
+    run("mount", "-o", "remount,bind,ro", ro)
+    with pytest.raises(AssertionError) as exc:
+        v.mount()
+    assert "write quorum is 2" in str(exc.value)
+    proc = lnmirror("scrub", *v.replica_args(), check=False)  # the healer may still open it
+    assert proc.returncode == 2 and "could not be healed" in proc.stdout
