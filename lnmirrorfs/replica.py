@@ -213,6 +213,23 @@ class Replica:
                                "command") from None
         self._lock_fd = fd
 
+    def reopen(self) -> None:
+        """Drop every open file and take the lock again, then check it is still the same
+        replica: after a fault its files may belong to a mount that went away (a NAS or
+        sshfs mounted anew), and a heal must write to what is there now."""
+        fds = list(self._data_fds.values()) + [self._log_fd, self._lock_fd]
+        self._data_fds.clear()
+        self._log_fd = self._lock_fd = None
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # a dead mount's descriptor: gone either way
+        self.lock()
+        if Replica.open(self.path).header != self.header:
+            raise ReplicaError(f"{self.path}: now holds a different replica than before")
+
     def start_worker(self) -> None:
         self.worker = Worker(f"replica-{self.index}")
 

@@ -78,6 +78,9 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
     started = time.monotonic()
     start_seq = volume.tree.seq
     targets = _scrub_targets(volume)
+    lagging = [r for r in targets if r.state != ONLINE]
+    if lagging and not dry_run:
+        await volume._run([(r, r.reopen) for r in lagging], len(lagging))
     total = sum(len(n.blocks) for n in volume.tree.inodes.values() if n.is_reg)
     done = 0
     for ino in sorted(i for i, n in volume.tree.inodes.items() if n.is_reg):

@@ -9,7 +9,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 need=""
-for pkg in fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev sqlite3 strace util-linux systemd; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev sqlite3 strace util-linux systemd sshfs openssh-server nftables iproute2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
 if [ -n "$need" ]; then
