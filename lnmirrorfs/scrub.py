@@ -80,7 +80,7 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
     targets = _scrub_targets(volume)
     lagging = [r for r in targets if r.state != ONLINE]
     if lagging and not dry_run:
-        await volume._run([(r, r.reopen) for r in lagging], len(lagging))
+        await volume.run_jobs([(r, r.reopen) for r in lagging], len(lagging))
     total = sum(len(n.blocks) for n in volume.tree.inodes.values() if n.is_reg)
     done = 0
     for ino in sorted(i for i, n in volume.tree.inodes.items() if n.is_reg):
@@ -131,7 +131,7 @@ async def _check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
     if not wanted:
         return
     size = volume.slot_size
-    reads = await volume._run(
+    reads = await volume.run_jobs(
         [(r, partial(r.read_slots, [(ino, b, entry_slot(e)) for b, e in wanted], size))
          for r in targets], len(targets))
     writes: dict[Replica, list] = {}
@@ -170,7 +170,7 @@ async def _check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
                                                                            shares[r.index])))
             healed_blocks.setdefault(r, []).append(block)
     if writes and not dry_run:
-        written = await volume._run([(r, partial(r.write_slots, slots))
+        written = await volume.run_jobs([(r, partial(r.write_slots, slots))
                                      for r, slots in writes.items()], len(writes))
         for r in written:
             report.repaired_shares += len(writes[r])
@@ -198,7 +198,7 @@ async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_s
         report.healed_replicas += [f"{r.path} (would heal: {r.state}, {r.reason})" for r in lagging]
         return
     sealed = seal_snapshot(volume.keys, volume.volume_id, volume.tree)
-    done = await volume._run([(r, partial(_install_snapshot, volume, r, sealed)) for r in lagging],
+    done = await volume.run_jobs([(r, partial(_install_snapshot, volume, r, sealed)) for r in lagging],
                              len(lagging))
     for r in lagging:
         if r in done:
@@ -217,7 +217,7 @@ async def _check_metadata(volume: Volume, targets: list[Replica], report: Report
                           dry_run: bool) -> None:
     """Reload each online replica's snapshot and log; rewrite any that do not give our tree."""
     online = [r for r in targets if r.state == ONLINE]
-    loaded = await volume._run([(r, partial(r.load, volume.keys)) for r in online], len(online))
+    loaded = await volume.run_jobs([(r, partial(r.load, volume.keys)) for r in online], len(online))
     want = tree_digest(volume.tree)
     sealed = None
     for r in online:
@@ -227,19 +227,19 @@ async def _check_metadata(volume: Volume, targets: list[Replica], report: Report
         report.metadata_repaired.append(r.path)
         if not dry_run:
             sealed = sealed or seal_snapshot(volume.keys, volume.volume_id, volume.tree)
-            await volume._run([(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
+            await volume.run_jobs([(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
 
 
 async def _remove_extra_files(volume: Volume, targets: list[Replica], report: Report,
                               dry_run: bool) -> None:
     """Data files of inodes that no longer exist (a crash between free and delete)."""
     live = {ino for ino, n in volume.tree.inodes.items() if n.is_reg}
-    listed = await volume._run([(r, r.data_files) for r in targets], len(targets))
+    listed = await volume.run_jobs([(r, r.data_files) for r in targets], len(targets))
     for r, files in listed.items():
         extra = [f for f in files if f not in live]
         report.extra_files += len(extra)
         if extra and not dry_run:
-            await volume._run([(r, partial(_remove_all, r, extra))], 1)
+            await volume.run_jobs([(r, partial(_remove_all, r, extra))], 1)
 
 
 def _remove_all(r: Replica, file_ids: list[int]) -> None:

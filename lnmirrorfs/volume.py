@@ -255,7 +255,7 @@ class Volume:
     def online(self) -> list[Replica]:
         return [r for r in self.replicas if r.usable]
 
-    async def _run(self, calls: list[tuple[Replica, Callable[[], object]]], need: int) -> dict:
+    async def run_jobs(self, calls: list[tuple[Replica, Callable[[], object]]], need: int) -> dict:
         """Run one job per replica; return {replica: result} once `need` succeeded, all
         answered, or the deadline passed (then the silent ones are marked FAULTED)."""
         self.check_deadlines()
@@ -339,7 +339,7 @@ class Volume:
         records = [format.pack_record(seq, sealed, b"".join(s[2] for s in mine) if inline else b"")
                    for mine in slots]
         targets = self.online
-        done = await self._run([(r, partial(r.commit, slots[r.index], records[r.index], inline))
+        done = await self.run_jobs([(r, partial(r.commit, slots[r.index], records[r.index], inline))
                                 for r in targets], self.quorum)
         self.stats["commits"] += 1
         if len(done) < self.quorum:
@@ -403,7 +403,7 @@ class Volume:
         """Write the whole tree to every online replica and empty their logs."""
         sealed = seal_snapshot(self.keys, self.volume_id, self.tree)
         targets = self.online
-        await self._run([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))
+        await self.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))
                          for r in targets], len(targets))
         self.log_bytes = 0
 
@@ -441,7 +441,7 @@ class Volume:
         shares: dict[int, bytes] = {}
         while len(shares) < self.k and candidates:
             batch, candidates = candidates[:self.k - len(shares)], candidates[self.k - len(shares):]
-            results = await self._run(
+            results = await self.run_jobs(
                 [(r, partial(r.read_slot, ino, index, slot, self.slot_size)) for r in batch],
                 len(batch))
             for r, raw in results.items():
