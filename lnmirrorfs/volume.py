@@ -152,7 +152,8 @@ def choose_current(replicas: list[Replica], loaded: dict, keys: codec.Keys, k: i
     digests = {r.path: tree_digest(loaded[r].tree) for r in current}
     if len(set(digests.values())) > 1:
         raise VolumeError("split brain: replicas " + ", ".join(digests) +
-                          f" hold different states at record {serve}; run lnmirror scrub")
+                          f" hold different states at record {serve}; nothing picks one for "
+                          "you: restore each alone, keep the right one, replace the others")
     for r, res in loaded.items():
         if res.tree.seq < serve:
             r.mark(STALE, f"behind: at record {res.tree.seq} of {serve}")

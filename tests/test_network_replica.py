@@ -13,8 +13,8 @@ import subprocess
 import time
 
 import pytest
-import workload
 
+import workload
 from conftest import force_unmount, is_mounted, lnmirror, make_volume
 
 # Link-local addresses on a veth pair between this namespace and one the test creates.

@@ -196,3 +196,27 @@ def test_replace_vanished_replica_while_mounted(make_vol, tmp_path):
     assert m.unmount() == 0
     v.restore(tmp_path / "out", replicas=[new])  # the new replica alone restores everything
     assert workload.check_db(str(tmp_path / "out")) == 25
+
+
+def test_split_brain_is_reported_never_resolved(make_vol, tmp_path):
+    v = make_vol(n=2, k=1)
+    old = [tmp_path / "old0", tmp_path / "old1"]
+    for r, copy in zip(v.replicas, old, strict=True):
+        shutil.copytree(r, copy)
+    m = v.mount()
+    (m.path / "history").write_text("one")
+    assert m.unmount() == 0
+    # The same volume, started again from the old copies, takes another path...
+    m = v.mount(replicas=old, name="mnt-old")
+    (m.path / "history").write_text("two")
+    assert m.unmount() == 0
+    # ...so a replica of each history holds the same record number with other content.
+    mixed = [v.replicas[0], old[1]]
+    before = {p: (p / "meta" / "log").read_bytes() for p in mixed}
+    for command in ("status", "scrub", "restore"):
+        args = [command, *v.replica_args(mixed)] + ([str(tmp_path / "out")] if command == "restore"
+                                                    else [])
+        proc = lnmirror(*args, check=False)
+        assert proc.returncode == 2 and "split brain" in proc.stderr, proc.stderr
+        assert str(mixed[0]) in proc.stderr and str(mixed[1]) in proc.stderr
+    assert {p: (p / "meta" / "log").read_bytes() for p in mixed} == before
