@@ -421,10 +421,11 @@ class Replica:
             self.mark(FAULTED, f"write failed: {exc.strerror or exc}")
             raise
 
-    def read_slot(self, file_id: int, block: int, slot: int, size: int) -> bytes:
+    def read_shares(self, wanted: list[tuple[int, int, int]], size: int) -> list[bytes]:
+        """read_slots for serving reads: only from an online replica, errors counted."""
         try:
             self._check_online()
-            return self.read_slots([(file_id, block, slot)], size)[0]
+            return self.read_slots(wanted, size)
         except OSError:
             self.counters.read += 1
             raise

@@ -58,8 +58,8 @@ def fail(err: int, what: str = "") -> OSError:
 class Options:
     quorum: int | None = None          # W; default majority of n, never below k
     deadline: float = 10.0             # seconds a replica has to answer one request
-    cache_bytes: int = 32 << 20        # decoded-block cache
-    dirty_bytes: int = 64 << 20        # buffered writes before a forced commit
+    cache_bytes: int = 16 << 20        # decoded-block cache
+    dirty_bytes: int = 16 << 20        # buffered writes before a forced commit
     snapshot_log_bytes: int = 16 << 20  # log size that triggers a snapshot
 
 
@@ -416,8 +416,8 @@ class Volume:
         while len(self.cache) * self.block_size > self.options.cache_bytes:
             self.cache.popitem(last=False)
 
-    async def read_block(self, node: Inode, index: int) -> bytes:
-        """Current content of one block: buffered, in flight, cached, or from the replicas."""
+    def _buffered_block(self, node: Inode, index: int) -> bytes | None:
+        """A block's content if it is at hand: buffered, in flight, cached, or a hole."""
         ino = node.ino
         buf = self.dirty.get(ino, {}).get(index)
         if buf is not None:
@@ -429,35 +429,66 @@ class Volume:
         if data is not None:
             self.cache.move_to_end((ino, index))
             return data
-        entry = node.blocks[index] if index < len(node.blocks) else HOLE
-        if entry == HOLE:
+        if index >= len(node.blocks) or node.blocks[index] == HOLE:
             return self._zero
-        data = await self._fetch_block(ino, index, entry_gen(entry), entry_slot(entry))
-        self._cache_put(ino, index, data)
-        return data
+        return None
 
-    async def _fetch_block(self, ino: int, index: int, gen: int, slot: int) -> bytes:
-        """Read shares from the least busy online replicas, verify each, decode from k good ones."""
+    async def read_blocks(self, node: Inode, indexes: list[int]) -> dict[int, bytes]:
+        """Current content of some blocks; those not at hand come from the replicas in one
+        batch per replica (a 128 KiB read costs one hop, not 32)."""
+        out: dict[int, bytes] = {}
+        missing = []
+        for index in indexes:
+            data = self._buffered_block(node, index)
+            if data is None:
+                missing.append(index)
+            else:
+                out[index] = data
+        if missing:
+            fetched = await self._fetch_blocks(node.ino, [
+                (index, entry_gen(node.blocks[index]), entry_slot(node.blocks[index]))
+                for index in missing])
+            for index, data in fetched.items():
+                self._cache_put(node.ino, index, data)
+            out.update(fetched)
+        return out
+
+    async def read_block(self, node: Inode, index: int) -> bytes:
+        return (await self.read_blocks(node, [index]))[index]
+
+    async def _fetch_blocks(self, ino: int, wanted: list[tuple[int, int, int]]) -> dict[int, bytes]:
+        """Read shares of (block, generation, slot)s from the least busy online replicas,
+        verify each, and decode every block from k good shares (asking more replicas for
+        blocks that lack them)."""
         candidates = sorted(self.online, key=lambda r: r.worker.pending)
-        shares: dict[int, bytes] = {}
-        while len(shares) < self.k and candidates:
-            batch, candidates = candidates[:self.k - len(shares)], candidates[self.k - len(shares):]
+        shares: dict[int, dict[int, bytes]] = {index: {} for index, _, _ in wanted}
+        remaining = wanted
+        while remaining and candidates:
+            ask = self.k - min(len(shares[index]) for index, _, _ in remaining)
+            batch, candidates = candidates[:ask], candidates[ask:]
+            wanted_slots = [(ino, index, slot) for index, _, slot in remaining]
             results = await self.run_jobs(
-                [(r, partial(r.read_slot, ino, index, slot, self.slot_size)) for r in batch],
+                [(r, partial(r.read_shares, wanted_slots, self.slot_size)) for r in batch],
                 len(batch))
-            for r, raw in results.items():
-                share = self._verify_share(r, ino, index, gen, raw)
-                if share is not None:
-                    shares[r.index] = share
-        if len(shares) < self.k:
-            raise fail(errno.EIO, f"block {index} of inode {ino}: fewer than k={self.k} good shares")
-        try:
-            return codec.decode_block(self.keys, self.volume_id, self.k, self.n, ino, index, gen,
-                                      shares, self.block_size)
-        except codec.CodecError as exc:
-            log.error("inode %d block %d: shares verified but block does not decrypt: %s",
-                      ino, index, exc)
-            raise fail(errno.EIO) from None
+            for r, raws in results.items():
+                for (index, gen, _), raw in zip(remaining, raws, strict=True):
+                    share = self._verify_share(r, ino, index, gen, raw)
+                    if share is not None:
+                        shares[index][r.index] = share
+            remaining = [w for w in remaining if len(shares[w[0]]) < self.k]
+        if remaining:
+            raise fail(errno.EIO, f"block {remaining[0][0]} of inode {ino}: fewer than "
+                                  f"k={self.k} good shares")
+        out = {}
+        for index, gen, _ in wanted:
+            try:
+                out[index] = codec.decode_block(self.keys, self.volume_id, self.k, self.n, ino,
+                                                index, gen, shares[index], self.block_size)
+            except codec.CodecError as exc:
+                log.error("inode %d block %d: shares verified but block does not decrypt: %s",
+                          ino, index, exc)
+                raise fail(errno.EIO) from None
+        return out
 
     def share_ok(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
         """The share in a raw slot if it is the right generation and its checksum holds."""
@@ -491,12 +522,13 @@ class Volume:
         if offset >= end:
             return b""
         bs = self.block_size
+        indexes = list(range(offset // bs, (end - 1) // bs + 1))
+        blocks = await self.read_blocks(node, indexes)
         parts = []
-        for index in range(offset // bs, (end - 1) // bs + 1):
-            block = await self.read_block(node, index)
+        for index in indexes:
             lo = max(offset - index * bs, 0)
             hi = min(end - index * bs, bs)
-            parts.append(block[lo:hi])
+            parts.append(blocks[index][lo:hi])
         return b"".join(parts)
 
     async def _dirty_block(self, node: Inode, index: int) -> bytearray:
