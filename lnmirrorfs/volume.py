@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import math
 import os
 import stat
 import time
@@ -260,27 +259,35 @@ class Volume:
         """Run one job per replica; return {replica: result} once `need` succeeded, all
         answered, or the deadline passed (then the silent ones are marked FAULTED)."""
         self.check_deadlines()
+        if not calls:
+            return {}
         token = trio.lowlevel.current_trio_token()
-        send, recv = trio.open_memory_channel(math.inf)
+        answers: list[tuple[Replica, object, BaseException | None]] = []
+        decided = trio.Event()
 
         def on_done(replica: Replica, result: object, error: BaseException | None) -> None:
-            try:
-                token.run_sync_soon(send.send_nowait, (replica, result, error))
-            except trio.RunFinishedError:
-                pass
+            # In the worker thread: wake the trio side once, when the outcome is decided,
+            # rather than once per answer (each wake-up is a syscall and a scheduler pass).
+            answers.append((replica, result, error))
+            successes = sum(1 for answer in answers if answer[2] is None)
+            if successes >= need or len(answers) == len(calls):
+                try:
+                    token.run_sync_soon(decided.set)
+                except trio.RunFinishedError:
+                    pass
 
         for replica, job in calls:
             replica.worker.submit(job, partial(on_done, replica))
+        with trio.move_on_after(self.options.deadline):
+            await decided.wait()
         results: dict[Replica, object] = {}
         answered: set[Replica] = set()
-        with trio.move_on_after(self.options.deadline):
-            while len(answered) < len(calls) and len(results) < need:
-                replica, result, error = await recv.receive()
-                answered.add(replica)
-                if error is None:
-                    results[replica] = result
-                else:
-                    self._fault(replica, f"{type(error).__name__}: {error}")
+        for replica, result, error in list(answers):
+            answered.add(replica)
+            if error is None:
+                results[replica] = result
+            else:
+                self._fault(replica, f"{type(error).__name__}: {error}")
         if len(results) < need:
             for replica, _ in calls:
                 if replica not in answered:
