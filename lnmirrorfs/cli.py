@@ -343,6 +343,7 @@ def format_status(s: dict) -> str:
     lines = [f"volume {s['volume']}  k={s['k']} n={s['n']} quorum={s['quorum']}",
              f"  state: {s['state']}" + (f" ({s['reason']})" if s["reason"] else ""),
              f"  record: {s['record']}   bad shares seen: {s['bad_shares']}",
+             f"  last scrub: {_scrub_line(s.get('last_scrub') or {})}",
              "",
              f"  {'SHARE':<6}{'STATE':<9}{'FREE':>9}  {'READ':>5}{'WRITE':>6}{'CKSUM':>6}  PATH"]
     for r in s["replicas"]:
@@ -354,6 +355,14 @@ def format_status(s: dict) -> str:
     for index, why in s.get("blamed", {}).items():
         lines.append(f"  share {index} is blamed by the others: {why} (heal with lnmirror scrub)")
     return "\n".join(lines)
+
+
+def _scrub_line(scrub: dict) -> str:
+    if not scrub:
+        return "never"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(scrub["time"]))
+    return (f"{when}, {scrub['result']} ({scrub['blocks']} blocks, {scrub['bad_shares']} bad "
+            f"shares, {scrub['repaired_shares']} rewritten, {scrub['unrepairable']} unrepairable)")
 
 
 def _human(n: float) -> str:
