@@ -70,6 +70,7 @@ def test_kill_9_loses_no_acknowledged_commit(make_vol, shape):
             assert proc.returncode == 0, f"seed {seed} round {round_no}: {proc.stderr}"
             found = workload.check_db(str(target))
             assert found >= acked, f"seed {seed} round {round_no}: lost commits {found}..{acked}"
+            workload.check_backup(str(target), acked)
     # After all the crashes the volume still mounts and the data is all there.
     m = v.mount()
     assert workload.check_db(str(m.path)) >= acked

@@ -56,7 +56,10 @@ def power_loss_round(v, fs: FaultFSMount, rng: random.Random, round_no: int,
     proc = v.restore(target, check=False)
     if proc.returncode != 0:
         return acked, None
-    return acked, workload.check_db(str(target))
+    restored = workload.check_db(str(target))
+    if restored >= acked:
+        workload.check_backup(str(target), acked)
+    return acked, restored
 
 
 def test_power_loss_keeps_every_acknowledged_commit(tmp_path, faultfs):

@@ -19,6 +19,9 @@ import time
 
 DB_NAME = "lightningd.sqlite3"
 GOSSIP_NAME = "gossip_store"
+BACKUP_NAME = "channel_backup"      # replaced by write-to-temp + fsync + rename
+RECOVER_NAME = "emergency.recover"  # rewritten in place: truncate, write, fsync
+SIDE_EVERY = 5
 SOCKET_NAME = "lightning-rpc"
 PAYLOAD = 1500
 
@@ -42,6 +45,37 @@ def commit_once(db: sqlite3.Connection, number: int) -> None:
     db.execute("INSERT INTO payments VALUES (?, ?)", (number, payload))
     db.execute("INSERT OR REPLACE INTO channels VALUES (?, ?)", (number % 16, payload[:400]))
     db.execute("COMMIT")
+
+
+def backup_content(number: int) -> bytes:
+    return f"backup {number:08d}\n".encode() * 200
+
+
+def rewrite_side_files(directory: str, number: int) -> None:
+    """What lightningd and its plugins do beside the database: atomic replace by rename,
+    and an in-place rewrite that truncates first."""
+    tmp = os.path.join(directory, BACKUP_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(backup_content(number))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(directory, BACKUP_NAME))
+    with open(os.path.join(directory, RECOVER_NAME), "r+b" if number > SIDE_EVERY else "wb") as f:
+        f.truncate(0)
+        f.write(f"recover {number}\n".encode() * 50)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_backup(directory: str, acked: int) -> None:
+    """The renamed file is one whole version, at least the last one written before `acked`."""
+    path = os.path.join(directory, BACKUP_NAME)
+    if acked < SIDE_EVERY:
+        return
+    data = open(path, "rb").read()
+    number = int(data.split(b"\n", 1)[0].split()[1])
+    assert data == backup_content(number), "channel_backup is not one whole version"
+    assert number >= acked - acked % SIDE_EVERY, f"channel_backup {number} older than {acked}"
 
 
 def check_db(directory: str) -> int:
@@ -106,6 +140,8 @@ def run(directory: str, commits: int, journal_mode: str = "delete", start: int |
     try:
         for number in range(first, first + commits):
             commit_once(db, number)
+            if number % SIDE_EVERY == 0:
+                rewrite_side_files(directory, number)
             if announce:
                 announce(number)
             os.write(gossip, f"gossip {number:08d}\n".encode() * 8)
