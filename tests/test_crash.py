@@ -23,13 +23,9 @@ from conftest import REPO, slow_enabled
 ROUNDS = int(os.environ.get("LNMIRROR_CRASH_ROUNDS", "100" if slow_enabled() else "4"))
 
 
-def last_acknowledged(output: str) -> int:
-    numbers = [int(line.split()[1]) for line in output.splitlines() if line.startswith("commit ")]
-    return max(numbers, default=0)
-
-
-def crash_round(v, rng: random.Random, round_no: int) -> int:
-    """Run the workload, kill -9 the daemon at a random moment; returns the last ack'd commit."""
+def crash_round(v, rng: random.Random, round_no: int) -> tuple[int, int]:
+    """Run the workload, kill -9 the daemon at a random moment; returns the (first, last)
+    commits it saw acknowledged."""
     m = v.mount()
     log_path = v.root / f"workload{round_no}.out"
     with open(log_path, "w") as out:
@@ -40,7 +36,7 @@ def crash_round(v, rng: random.Random, round_no: int) -> int:
         time.sleep(rng.uniform(0.2, 1.5))
         m.kill()  # SIGKILL: no flush, no unmount handler
         worker.wait(60)
-    return last_acknowledged(log_path.read_text())
+    return workload.announced(log_path.read_text())
 
 
 def quorum_subsets(v, quorum: int):
@@ -58,7 +54,8 @@ def test_kill_9_loses_no_acknowledged_commit(make_vol, shape):
     v = make_vol(n=n, k=k, name=f"n{n}k{k}")
     acked = 0
     for round_no in range(ROUNDS):
-        acked = max(acked, crash_round(v, rng, round_no))
+        first, last = crash_round(v, rng, round_no)
+        acked = max(acked, last)
         for subset in quorum_subsets(v, quorum=max(k, n // 2 + 1)):
             if len(subset) < k:
                 continue
@@ -70,7 +67,7 @@ def test_kill_9_loses_no_acknowledged_commit(make_vol, shape):
             assert proc.returncode == 0, f"seed {seed} round {round_no}: {proc.stderr}"
             found = workload.check_db(str(target))
             assert found >= acked, f"seed {seed} round {round_no}: lost commits {found}..{acked}"
-            workload.check_backup(str(target), acked)
+            workload.check_backup(str(target), first, last)
     # After all the crashes the volume still mounts and the data is all there.
     m = v.mount()
     assert workload.check_db(str(m.path)) >= acked

@@ -50,15 +50,14 @@ def power_loss_round(v, fs: FaultFSMount, rng: random.Random, round_no: int,
         m.kill()          # the machine stops: the daemon gets no chance to flush
         fs.power_cut()    # ...and the disks lose what was not synced
         worker.wait(60)
-    acked = max((int(line.split()[1]) for line in out_path.read_text().splitlines()
-                 if line.startswith("commit ")), default=0)
+    first, acked = workload.announced(out_path.read_text())
     target = v.root / f"restored{round_no}"
     proc = v.restore(target, check=False)
     if proc.returncode != 0:
         return acked, None
     restored = workload.check_db(str(target))
     if restored >= acked:
-        workload.check_backup(str(target), acked)
+        workload.check_backup(str(target), first, acked)
     return acked, restored
 
 
