@@ -101,8 +101,16 @@ class SshReplicaHost:
     def close(self) -> None:
         self.restore_network()
         force_unmount(self.mountpoint)
-        if self.sshd is not None and self.sshd.poll() is None:
-            self.sshd.terminate()
+        # Every process in the namespace: sshd and its per-session children, including the
+        # one whose client vanished behind the cut (it would keep a copy of the host's mount
+        # table, and with it other FUSE mounts, alive in the namespace sshd was started in).
+        pids = sh("ip", "netns", "pids", self.ns, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        if self.sshd is not None:
             self.sshd.wait(10)
         sh("ip", "netns", "del", self.ns, check=False)
         sh("ip", "link", "del", self.veth, check=False)
