@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from . import codec, format
 from .tree import Tree, TreeError, block_entry, decode_ops
@@ -31,6 +32,7 @@ _MAX_OPEN_DATA_FILES = 256
 # The log grows by zero-filled chunks: appending inside already-written space changes no
 # file size, so the per-commit fdatasync has no metadata to journal.
 LOG_CHUNK = 4 << 20
+DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub removes leftovers)
 
 
 class ReplicaError(Exception):
@@ -133,6 +135,7 @@ class Replica:
     reason: str = ""
     counters: Counters = field(default_factory=Counters)
     worker: Worker | None = None
+    housekeeper: Worker | None = None
     _data_fds: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     overlay: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
     _log_fd: int | None = None
@@ -232,11 +235,13 @@ class Replica:
 
     def start_worker(self) -> None:
         self.worker = Worker(f"replica-{self.index}")
+        self.housekeeper = Worker(f"replica-{self.index}-housekeeping")
 
     def close(self, timeout: float = 30.0) -> None:
         if self.worker:
             self.worker.stop(timeout)
-            self.worker = None
+            self.housekeeper.stop(timeout)
+            self.worker = self.housekeeper = None
         for fd in self._data_fds.values():
             os.close(fd)
         self._data_fds.clear()
@@ -454,13 +459,25 @@ class Replica:
             os.ftruncate(fd, format.slot_offset(blocks, 0, size))
 
     def remove_data(self, file_id: int) -> None:
+        """Delete a freed inode's data file.  Freeing the extents of a big file can take
+        seconds (longer than the deadline on a slow disk), so this job only closes and
+        renames it; the unlink runs on the replica's housekeeping thread, off the queue
+        that commits wait in."""
         fd = self._data_fds.pop(file_id, None)
         if fd is not None:
             os.close(fd)
+        path = os.path.join(self.data_path, format.data_name(file_id))
         try:
-            os.unlink(os.path.join(self.data_path, format.data_name(file_id)))
+            os.rename(path, path + DELETED_SUFFIX)
         except FileNotFoundError:
-            pass
+            return
+        self.housekeeper.submit(partial(unlink_quietly, path + DELETED_SUFFIX),
+                                lambda result, error: None)
+
+    def deleted_leftovers(self) -> list[str]:
+        """Data files renamed for deletion whose unlink a crash cut short."""
+        return [os.path.join(self.data_path, name) for name in os.listdir(self.data_path)
+                if name.endswith(DELETED_SUFFIX)]
 
     def data_files(self) -> list[int]:
         return [int(name, 16) for name in os.listdir(self.data_path)
@@ -485,6 +502,13 @@ class Replica:
                 "state": self.state, "reason": self.reason, "free_bytes": free,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:

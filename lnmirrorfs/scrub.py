@@ -25,7 +25,7 @@ from functools import partial
 import trio
 
 from . import codec, format
-from .replica import ONLINE, STALE, Replica, ReplicaError, seal_snapshot
+from .replica import ONLINE, STALE, Replica, ReplicaError, seal_snapshot, unlink_quietly
 from .tree import HOLE, Tree, entry_gen, entry_slot
 from .volume import Volume, VolumeError, tree_digest
 
@@ -234,17 +234,23 @@ async def _remove_extra_files(volume: Volume, targets: list[Replica], report: Re
                               dry_run: bool) -> None:
     """Data files of inodes that no longer exist (a crash between free and delete)."""
     live = {ino for ino, n in volume.tree.inodes.items() if n.is_reg}
-    listed = await volume.run_jobs([(r, r.data_files) for r in targets], len(targets))
-    for r, files in listed.items():
-        extra = [f for f in files if f not in live]
-        report.extra_files += len(extra)
-        if extra and not dry_run:
-            await volume.run_jobs([(r, partial(_remove_all, r, extra))], 1)
+    listed = await volume.run_jobs([(r, partial(_extra_files, r, live)) for r in targets],
+                                   len(targets))
+    for r, (extra, leftovers) in listed.items():
+        report.extra_files += len(extra) + len(leftovers)
+        if (extra or leftovers) and not dry_run:
+            await volume.run_jobs([(r, partial(_remove_all, r, extra, leftovers))], 1)
 
 
-def _remove_all(r: Replica, file_ids: list[int]) -> None:
+def _extra_files(r: Replica, live: set[int]) -> tuple[list[int], list[str]]:
+    return [f for f in r.data_files() if f not in live], r.deleted_leftovers()
+
+
+def _remove_all(r: Replica, file_ids: list[int], leftovers: list[str]) -> None:
     for file_id in file_ids:
         r.remove_data(file_id)
+    for path in leftovers:
+        unlink_quietly(path)  # the housekeeping thread may be deleting it right now
 
 
 def _absolve_ops(volume: Volume) -> list[dict]:
