@@ -66,10 +66,14 @@ async def _main(volume: Volume, control_path: str) -> None:
         nursery.cancel_scope.cancel()
     if volume.suspended:
         return
-    await volume.sync()
-    await volume.record_errors()
-    async with volume.lock:
-        await volume.snapshot()
+    try:
+        await volume.sync()
+        await volume.record_errors()
+        async with volume.lock:
+            await volume.snapshot()
+    except OSError as exc:  # e.g. faulted replicas left fewer than W: say so, no traceback
+        log.error("unmount: buffered changes could not be made durable: %s", exc)
+        raise SystemExit(1) from None
 
 
 def event_hook(command: str | None, mountpoint: str):
