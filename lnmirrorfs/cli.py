@@ -119,7 +119,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     key_path = args.key_file or default_key_path(volume_id)
     if os.path.exists(key_path):
         raise CliError(f"key file {key_path} already exists; refusing to overwrite a key")
-    tree = Tree.new(args.block_size, os.getuid(), os.getgid(), time.time_ns())
+    tree = Tree.new(args.block_size, os.getuid(), os.getgid(), time.time_ns(), default_quorum(k, n))
     write_key_file(key_path, master)
     for index, path in enumerate(args.replica):
         header = format.Header(volume_id, k, n, index, args.block_size,

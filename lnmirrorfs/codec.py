@@ -53,6 +53,7 @@ class Keys:
     meta: bytes
     share: bytes
     check: bytes
+    header: bytes
 
     @classmethod
     def derive(cls, master: bytes) -> Keys:
@@ -63,6 +64,7 @@ class Keys:
             meta=_subkey(master, b"meta"),
             share=_subkey(master, b"share"),
             check=_subkey(master, b"keycheck"),
+            header=_subkey(master, b"header"),
         )
 
 
@@ -73,6 +75,11 @@ def new_master_key() -> bytes:
 def key_check(keys: Keys, volume_id: bytes) -> bytes:
     """A value stored in every replica header that proves a key belongs to the volume."""
     return hashlib.blake2b(volume_id, key=keys.check, digest_size=CHECKSUM_BYTES).digest()
+
+
+def header_mac(keys: Keys, body: bytes) -> bytes:
+    """Keyed MAC of a replica header: its share index, k or n cannot be edited without the key."""
+    return hashlib.blake2b(body, key=keys.header, digest_size=CHECKSUM_BYTES).digest()
 
 
 # ---- paper key: base32 of key + 3-byte checksum, grouped for typing ----
@@ -130,7 +137,7 @@ def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
         raise CodecError("authentication failed") from None
 
 
-_BLOCK_AAD = struct.Struct("<16sQQQ")
+_BLOCK_AAD = struct.Struct("<16sQQQQ")
 
 
 VOLUME_ID_BYTES = 16
@@ -143,28 +150,29 @@ def _check_volume_id(volume_id: bytes) -> bytes:
     return volume_id
 
 
-def block_aad(volume_id: bytes, file_id: int, block: int, gen: int) -> bytes:
-    return _BLOCK_AAD.pack(_check_volume_id(volume_id), file_id, block, gen)
+def block_aad(volume_id: bytes, file_id: int, block: int, gen: int, term: int) -> bytes:
+    return _BLOCK_AAD.pack(_check_volume_id(volume_id), file_id, block, gen, term)
 
 
-def encrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int,
+def encrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int, term: int,
                   plaintext: bytes) -> bytes:
-    """Seal one block; the AAD pins it to its volume, file, index and generation."""
-    return _seal(keys.block, plaintext, block_aad(volume_id, file_id, block, gen))
+    """Seal one block; the AAD pins it to its volume, file, index and the identity of the
+    record that wrote it (generation and term: a rolled-back record's block never matches)."""
+    return _seal(keys.block, plaintext, block_aad(volume_id, file_id, block, gen, term))
 
 
-def decrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int,
+def decrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int, term: int,
                   sealed: bytes) -> bytes:
-    return _open(keys.block, sealed, block_aad(volume_id, file_id, block, gen))
+    return _open(keys.block, sealed, block_aad(volume_id, file_id, block, gen, term))
 
 
-def seal_record(keys: Keys, volume_id: bytes, kind: bytes, seq: int, plaintext: bytes) -> bytes:
-    """Seal a metadata record (log entry or snapshot) bound to its kind and sequence number."""
-    return _seal(keys.meta, plaintext, _check_volume_id(volume_id) + kind + struct.pack("<Q", seq))
+def seal_record(keys: Keys, volume_id: bytes, kind: bytes, context: bytes, plaintext: bytes) -> bytes:
+    """Seal a metadata record (log entry or snapshot) bound to its kind and its head."""
+    return _seal(keys.meta, plaintext, _check_volume_id(volume_id) + kind + context)
 
 
-def open_record(keys: Keys, volume_id: bytes, kind: bytes, seq: int, sealed: bytes) -> bytes:
-    return _open(keys.meta, sealed, volume_id + kind + struct.pack("<Q", seq))
+def open_record(keys: Keys, volume_id: bytes, kind: bytes, context: bytes, sealed: bytes) -> bytes:
+    return _open(keys.meta, sealed, _check_volume_id(volume_id) + kind + context)
 
 
 # ---- forward error correction ----
@@ -206,29 +214,29 @@ def fec_decode(shares: dict[int, bytes], k: int, n: int, data_length: int) -> by
 
 # ---- per-share checksums ----
 
-_SHARE_CTX = struct.Struct("<16sQQQB")
+_SHARE_CTX = struct.Struct("<16sQQQQB")
 
 
-def share_checksum(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int,
+def share_checksum(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int, term: int,
                    share_index: int, share: bytes) -> bytes:
     """Keyed checksum of one share, bound to where it belongs so misplaced shares fail too."""
     h = hashlib.blake2b(key=keys.share, digest_size=CHECKSUM_BYTES)
-    h.update(_SHARE_CTX.pack(_check_volume_id(volume_id), file_id, block, gen, share_index))
+    h.update(_SHARE_CTX.pack(_check_volume_id(volume_id), file_id, block, gen, term, share_index))
     h.update(share)
     return h.digest()
 
 
 def encode_block(keys: Keys, volume_id: bytes, k: int, n: int, file_id: int, block: int,
-                 gen: int, plaintext: bytes) -> list[tuple[bytes, bytes]]:
+                 gen: int, term: int, plaintext: bytes) -> list[tuple[bytes, bytes]]:
     """Encrypt then FEC-encode one block: returns n (checksum, share) pairs, share i for replica i."""
-    sealed = encrypt_block(keys, volume_id, file_id, block, gen, plaintext)
+    sealed = encrypt_block(keys, volume_id, file_id, block, gen, term, plaintext)
     shares = fec_encode(sealed, k, n)
-    return [(share_checksum(keys, volume_id, file_id, block, gen, i, s), s)
+    return [(share_checksum(keys, volume_id, file_id, block, gen, term, i, s), s)
             for i, s in enumerate(shares)]
 
 
 def decode_block(keys: Keys, volume_id: bytes, k: int, n: int, file_id: int, block: int,
-                 gen: int, shares: dict[int, bytes], block_size: int) -> bytes:
+                 gen: int, term: int, shares: dict[int, bytes], block_size: int) -> bytes:
     """Rebuild and decrypt one block from at least k verified shares."""
     sealed = fec_decode(shares, k, n, block_size + SEALED_OVERHEAD)
-    return decrypt_block(keys, volume_id, file_id, block, gen, sealed)
+    return decrypt_block(keys, volume_id, file_id, block, gen, term, sealed)

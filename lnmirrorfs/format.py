@@ -8,13 +8,14 @@ replica module's.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 
 from . import codec
 
 MAGIC = b"LNMIRROR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_NAME = "lnmirror.hdr"
 LOG_NAME = "log"
 SNAPSHOT_NAME = "snapshot"
@@ -23,11 +24,17 @@ DATA_DIR = "data"
 LOCK_NAME = "lock"
 
 _HEADER = struct.Struct("<8sH16sBBBxI16s")
-HEADER_SIZE = _HEADER.size + codec.CHECKSUM_BYTES
+# body, then an unkeyed checksum (tells a damaged header from a foreign one without the key),
+# then a keyed MAC (a header whose share index or k was edited without the key is refused)
+HEADER_SIZE = _HEADER.size + 2 * codec.CHECKSUM_BYTES
 
 
 class FormatError(Exception):
     """A replica's files are not what this version of lnmirrorfs can read."""
+
+
+class HeaderDamaged(FormatError):
+    """The header is there but does not check out: that replica is FAULTED, not the volume."""
 
 
 @dataclass(frozen=True)
@@ -41,35 +48,53 @@ class Header:
     block_size: int
     key_check: bytes
     version: int = FORMAT_VERSION
+    mac: bytes = b""
 
-    def pack(self) -> bytes:
-        body = _HEADER.pack(MAGIC, self.version, self.volume_id, self.k, self.n,
+    def _body(self) -> bytes:
+        return _HEADER.pack(MAGIC, self.version, self.volume_id, self.k, self.n,
                             self.share_index, self.block_size, self.key_check)
-        return body + hashlib.blake2b(body, digest_size=codec.CHECKSUM_BYTES).digest()
+
+    def pack(self, keys: codec.Keys) -> bytes:
+        body = self._body()
+        return body + _checksum(body) + codec.header_mac(keys, body)
+
+    def authentic(self, keys: codec.Keys) -> bool:
+        """True if the header was written by someone holding the key."""
+        return hmac.compare_digest(self.mac, codec.header_mac(keys, self._body()))
 
     @classmethod
     def unpack(cls, raw: bytes) -> Header:
+        """Parse without the key: framing, version and the unkeyed checksum only."""
         if len(raw) < len(MAGIC) or raw[:len(MAGIC)] != MAGIC:
             raise FormatError("not an lnmirrorfs replica (no LNMIRROR header)")
         if len(raw) < 10:
-            raise FormatError("replica header is truncated")
+            raise HeaderDamaged("replica header is truncated")
         version = struct.unpack_from("<H", raw, len(MAGIC))[0]
         if version > FORMAT_VERSION:
             raise FormatError(f"replica has format version {version}, this lnmirrorfs reads "
-                              f"up to {FORMAT_VERSION}: upgrade lnmirrorfs")
+                              f"version {FORMAT_VERSION}: upgrade lnmirrorfs")
+        if version < FORMAT_VERSION:
+            raise FormatError(f"replica has format version {version}, this lnmirrorfs reads "
+                              f"only version {FORMAT_VERSION}: restore it with the lnmirrorfs "
+                              "release that wrote it, then init a new volume")
         if len(raw) != HEADER_SIZE:
-            raise FormatError("replica header is truncated or has trailing bytes")
-        body, check = raw[:_HEADER.size], raw[_HEADER.size:]
-        if hashlib.blake2b(body, digest_size=codec.CHECKSUM_BYTES).digest() != check:
-            raise FormatError("replica header is corrupt (checksum mismatch)")
+            raise HeaderDamaged("replica header is truncated or has trailing bytes")
+        size, check_end = _HEADER.size, _HEADER.size + codec.CHECKSUM_BYTES
+        body, check, mac = raw[:size], raw[size:check_end], raw[check_end:]
+        if _checksum(body) != check:
+            raise HeaderDamaged("replica header is corrupt (checksum mismatch)")
         _, version, volume_id, k, n, index, block_size, key_check = _HEADER.unpack(body)
-        if not 1 <= k <= n or index >= n or block_size <= 0:
-            raise FormatError(f"replica header has impossible values k={k} n={n} index={index}")
-        return cls(volume_id, k, n, index, block_size, key_check, version)
+        if not 1 <= k <= n or block_size <= 0:
+            raise HeaderDamaged(f"replica header has impossible values k={k} n={n}")
+        return cls(volume_id, k, n, index, block_size, key_check, version, mac)
 
     @property
     def volume_hex(self) -> str:
         return self.volume_id.hex()
+
+
+def _checksum(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=codec.CHECKSUM_BYTES).digest()
 
 
 # ---- data slots: every block has two, so an interrupted overwrite leaves the old one intact ----
@@ -106,50 +131,97 @@ def data_name(file_id: int) -> str:
     return f"{file_id:016x}"
 
 
-# ---- log records: length, sequence number, sealed ops, then this replica's inline slots ----
+# ---- log records: magic, length, head, sealed ops, then this replica's inline slots ----
 
-_RECORD_HEAD = struct.Struct("<IQI")
+FRAME_MAGIC = b"LNMR"
+_FRAME_PREFIX = struct.Struct("<4sI")      # magic, length of everything after the prefix
+_RECORD_HEAD = struct.Struct("<QQQQB3xI")  # seq, term, commit, time_ms, quorum, sealed length
+FRAME_OVERHEAD = _FRAME_PREFIX.size + _RECORD_HEAD.size
 LOG_KIND = b"log"
 SNAPSHOT_KIND = b"snapshot"
 
 
-def pack_record(seq: int, sealed: bytes, inline_slots: bytes = b"") -> bytes:
+@dataclass(frozen=True)
+class RecordHead:
+    """What identifies a record and what it knew when it was written (all authenticated).
+
+    `term` is the writable open that wrote it (never reused, see statechoice); `commit`
+    is the highest record known acknowledged at the time; `quorum` the W it needs."""
+
+    seq: int
+    term: int
+    commit: int
+    time_ms: int
+    quorum: int
+
+    def context(self) -> bytes:
+        """Bound into the record's AEAD: a flipped bit in the head fails authentication."""
+        return struct.pack("<QQQQB", self.seq, self.term, self.commit, self.time_ms, self.quorum)
+
+
+@dataclass(frozen=True)
+class Frame:
+    head: RecordHead
+    sealed: bytes
+    inline: bytes
+    start: int
+    end: int
+
+
+def pack_record(head: RecordHead, sealed: bytes, inline_slots: bytes = b"") -> bytes:
     """A log frame.  `inline_slots` are the slots of the record's written blocks, in the
     order its write ops list them: the log then holds the data too (redo on replay)."""
-    return _RECORD_HEAD.pack(4 + len(sealed) + len(inline_slots), seq, len(sealed)) + sealed + inline_slots
+    body = _RECORD_HEAD.pack(head.seq, head.term, head.commit, head.time_ms, head.quorum,
+                             len(sealed)) + sealed + inline_slots
+    return _FRAME_PREFIX.pack(FRAME_MAGIC, len(body)) + body
 
 
-def iter_records(raw: bytes):
-    """Yield (seq, sealed ops, inline slots, end offset) per complete frame.
-
-    Stops at a short frame or at zeros: the log is preallocated with zeros, so a zero
-    length is where the written part ends."""
-    pos = 0
-    head = _RECORD_HEAD.size
-    while pos + head <= len(raw):
-        length, seq, sealed_length = _RECORD_HEAD.unpack_from(raw, pos)
-        end = pos + head - 4 + length
-        if length < 4 or sealed_length > length - 4 or end > len(raw):
-            return
-        start = pos + head
-        yield seq, raw[start:start + sealed_length], raw[start + sealed_length:end], end
-        pos = end
-
-
-# ---- snapshot: the whole tree at one sequence number ----
-
-SNAPSHOT_MAGIC = b"LNMSNAP1"
-_SNAPSHOT_HEAD = struct.Struct("<8sQ")
+def frame_at(raw: bytes, pos: int) -> Frame | None:
+    """The frame starting at `pos` if its framing is whole (not yet authenticated)."""
+    if pos + FRAME_OVERHEAD > len(raw):
+        return None
+    magic, length = _FRAME_PREFIX.unpack_from(raw, pos)
+    end = pos + _FRAME_PREFIX.size + length
+    if magic != FRAME_MAGIC or length < _RECORD_HEAD.size or end > len(raw):
+        return None
+    seq, term, commit, time_ms, quorum, sealed_length = _RECORD_HEAD.unpack_from(
+        raw, pos + _FRAME_PREFIX.size)
+    start = pos + FRAME_OVERHEAD
+    if sealed_length > end - start:
+        return None
+    return Frame(RecordHead(seq, term, commit, time_ms, quorum), raw[start:start + sealed_length],
+                 raw[start + sealed_length:end], pos, end)
 
 
-def pack_snapshot(seq: int, sealed: bytes) -> bytes:
-    return _SNAPSHOT_HEAD.pack(SNAPSHOT_MAGIC, seq) + sealed
+def frames_after(raw: bytes, pos: int):
+    """Every offset after `pos` where a frame's magic appears: where to look for valid
+    records behind a damaged one (a torn tail has none; damage in the middle does)."""
+    pos = raw.find(FRAME_MAGIC, pos + 1)
+    while pos >= 0:
+        frame = frame_at(raw, pos)
+        if frame is not None:
+            yield frame
+        pos = raw.find(FRAME_MAGIC, pos + 1)
 
 
-def unpack_snapshot(raw: bytes) -> tuple[int, bytes]:
+# ---- snapshot: the whole tree at one record ----
+
+SNAPSHOT_MAGIC = b"LNMSNAP2"
+_SNAPSHOT_HEAD = struct.Struct("<8sQQ")  # magic, seq, term of that record
+
+
+def snapshot_context(seq: int, term: int) -> bytes:
+    return struct.pack("<QQ", seq, term)
+
+
+def pack_snapshot(seq: int, term: int, sealed: bytes) -> bytes:
+    return _SNAPSHOT_HEAD.pack(SNAPSHOT_MAGIC, seq, term) + sealed
+
+
+def unpack_snapshot(raw: bytes) -> tuple[int, int, bytes]:
     if len(raw) < _SNAPSHOT_HEAD.size:
         raise FormatError("snapshot is truncated")
-    magic, seq = _SNAPSHOT_HEAD.unpack_from(raw)
+    magic, seq, term = _SNAPSHOT_HEAD.unpack_from(raw)
     if magic != SNAPSHOT_MAGIC:
         raise FormatError("snapshot has a bad magic number")
-    return seq, raw[_SNAPSHOT_HEAD.size:]
+    return seq, term, raw[_SNAPSHOT_HEAD.size:]

@@ -118,13 +118,25 @@ class Counters:
 
 @dataclass
 class Loaded:
-    """What a replica's metadata says: its tree, where its log's valid part ends, and the
-    slots its log carries that the tree still points at (to redo, or to read from)."""
+    """What a replica's metadata says, for the state choice and for opening it.
+
+    `tree` is the state at the end of the valid log; `redo` the slots its log carries that
+    the tree still points at.  `commit` is the highest commit point in any authenticated
+    record or snapshot of the replica, `max_term` the highest term, both including records
+    behind damage; `damage` says why the log is damaged (a bad record with valid ones
+    after it), "" if it is whole.  `touched` lists, per record after the snapshot, the
+    blocks its writes went to (a replica that diverged needs exactly those rewritten)."""
 
     tree: Tree
     log_end: int
     log_records: int
     redo: dict[tuple[int, int, int], bytes]
+    snapshot_seq: int = 0
+    commit: int = 0
+    max_term: int = 0
+    max_seq: int = 0
+    damage: str = ""
+    touched: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
 
 
 @dataclass(eq=False)  # identity semantics: replicas are dict keys
@@ -143,6 +155,7 @@ class Replica:
     _log_allocated: int = 0
     _unsynced_files: set[int] = field(default_factory=set)
     _lock_fd: int | None = None
+    header_damage: str = ""   # why the header was refused: scrub rewrites it
 
     # ---- creation and opening ----
 
@@ -158,12 +171,16 @@ class Replica:
         os.mkdir(replica.data_path, 0o700)
         replica.write_snapshot(keys, tree)
         os.close(os.open(os.path.join(path, format.LOCK_NAME), os.O_WRONLY | os.O_CREAT, 0o600))
-        write_file_durably(os.path.join(path, format.HEADER_NAME), header.pack(), 0o400)
+        replica.write_header(keys)
         return replica
+
+    def write_header(self, keys: codec.Keys) -> None:
+        write_file_durably(os.path.join(self.path, format.HEADER_NAME), self.header.pack(keys), 0o400)
 
     @classmethod
     def open(cls, path: str) -> Replica:
-        """Read and check the header; raises ReplicaError with a one-line reason."""
+        """Read and check the header; raises ReplicaError with a one-line reason.  A
+        damaged header gives a FAULTED replica without header (the others may serve)."""
         header_path = os.path.join(path, format.HEADER_NAME)
         if not os.path.isdir(path):
             raise ReplicaError(f"{path}: replica directory does not exist")
@@ -176,6 +193,8 @@ class Replica:
             raise ReplicaError(f"{path}: cannot read header: {exc.strerror}") from None
         try:
             return cls(path, format.Header.unpack(raw))
+        except format.HeaderDamaged as exc:
+            return cls(path, None, state=FAULTED, reason=str(exc), header_damage=str(exc))
         except format.FormatError as exc:
             raise ReplicaError(f"{path}: {exc}") from None
 
@@ -257,58 +276,74 @@ class Replica:
 
     # ---- metadata ----
 
-    def load(self, keys: codec.Keys, upto: int | None = None) -> Loaded:
-        """Rebuild this replica's tree from its snapshot and log (up to record `upto`);
-        a torn or forged record ends the log there."""
+    def load(self, keys: codec.Keys) -> Loaded:
+        """Rebuild this replica's tree from its snapshot and log.  The log ends at the first
+        record that is torn, forged or impossible; valid records after it mean damage."""
         vol = self.header.volume_id
         try:
             with open(os.path.join(self.meta_path, format.SNAPSHOT_NAME), "rb") as f:
-                snap_seq, sealed = format.unpack_snapshot(f.read())
-            tree = Tree.load(codec.open_record(keys, vol, format.SNAPSHOT_KIND, snap_seq, sealed))
+                snap_seq, snap_term, sealed = format.unpack_snapshot(f.read())
+            tree = Tree.load(codec.open_record(keys, vol, format.SNAPSHOT_KIND,
+                                               format.snapshot_context(snap_seq, snap_term), sealed))
+            if (tree.seq, tree.term) != (snap_seq, snap_term):
+                raise TreeError("snapshot head does not match its contents")
             with open(self.log_path, "rb") as f:
                 raw = f.read()
         except (OSError, format.FormatError, codec.CodecError, TreeError) as exc:
             raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
-        log_end, count, redo = 0, 0, {}
-        for seq, sealed, inline, end in format.iter_records(raw):
-            if upto is not None and seq > upto:
-                break
-            if seq <= tree.seq:
-                log_end = end  # already in the snapshot (crash between snapshot and log reset)
+        loaded = Loaded(tree, 0, 0, {}, snapshot_seq=tree.seq, commit=tree.seq,
+                        max_term=tree.term, max_seq=tree.seq)
+        pos = 0
+        while (frame := format.frame_at(raw, pos)) is not None:
+            head = frame.head
+            if head.seq <= tree.seq and self._authentic(keys, frame):
+                pos = loaded.log_end = frame.end  # already in the snapshot (crash before log reset)
                 continue
             try:
-                ops = decode_ops(codec.open_record(keys, vol, format.LOG_KIND, seq, sealed))
-                slots = self._inline_slots(keys, seq, ops, inline)
-                tree.apply(seq, ops)
+                ops = decode_ops(codec.open_record(keys, vol, format.LOG_KIND, head.context(),
+                                                   frame.sealed))
+                slots = self._inline_slots(keys, head, ops, frame.inline)
+                tree.apply(head.seq, head.term, head.time_ms, ops)
             except (codec.CodecError, TreeError, ValueError, KeyError, TypeError):
                 break
-            redo.update(slots)
-            log_end, count = end, count + 1
-        return Loaded(tree, log_end, count, {key: raw for key, raw in redo.items()
-                                             if _still_current(tree, key, raw)})
+            loaded.redo.update(slots)
+            loaded.touched.append((head.seq, [(op["ino"], packed >> 1) for op in ops
+                                              if op["op"] == "write" for packed in op["blocks"]]))
+            self._note(loaded, head)
+            pos = loaded.log_end = frame.end
+            loaded.log_records += 1
+        self._look_behind(keys, raw, pos, loaded)
+        loaded.redo = {key: raw for key, raw in loaded.redo.items() if _still_current(tree, key, raw)}
+        return loaded
 
-    def _inline_slots(self, keys: codec.Keys, seq: int, ops: list[dict],
-                      inline: bytes) -> dict[tuple[int, int, int], bytes]:
-        """The slots a record carries, each checked: a torn record fails here as a whole."""
-        if not inline:
-            return {}
-        h = self.header
-        size = format.slot_size(h.block_size, h.k)
-        out, pos = {}, 0
-        for op in ops:
-            if op["op"] != "write":
+    def _authentic(self, keys: codec.Keys, frame: format.Frame) -> bool:
+        try:
+            codec.open_record(keys, self.header.volume_id, format.LOG_KIND, frame.head.context(),
+                              frame.sealed)
+            return True
+        except codec.CodecError:
+            return False
+
+    @staticmethod
+    def _note(loaded: Loaded, head: format.RecordHead) -> None:
+        loaded.commit = max(loaded.commit, head.commit)
+        loaded.max_term = max(loaded.max_term, head.term)
+        loaded.max_seq = max(loaded.max_seq, head.seq)
+
+    def _look_behind(self, keys: codec.Keys, raw: bytes, pos: int, loaded: Loaded) -> None:
+        """Where the valid log ends, a torn tail leaves nothing but zeros after it; records
+        that authenticate further on mean the log was damaged in the middle."""
+        if raw.count(b"\0", pos) == len(raw) - pos:
+            return
+        end_seq = loaded.tree.seq
+        for frame in format.frames_after(raw, pos):
+            if frame.head.seq <= end_seq:
                 continue
-            for packed in op["blocks"]:
-                raw = inline[pos:pos + size]
-                pos += size
-                gen, checksum, share = format.unpack_slot(raw)
-                if gen != seq or checksum != codec.share_checksum(
-                        keys, h.volume_id, op["ino"], packed >> 1, seq, h.share_index, share):
-                    raise codec.CodecError(f"record {seq}: torn or damaged inline slot")
-                out[(op["ino"], packed >> 1, packed & 1)] = raw
-        if pos != len(inline):
-            raise codec.CodecError(f"record {seq}: inline slots do not match its ops")
-        return out
+            if self._authentic(keys, frame):
+                self._note(loaded, frame.head)
+                if not loaded.damage:
+                    loaded.damage = (f"log damaged after record {end_seq} (record "
+                                     f"{frame.head.seq} further on is intact)")
 
     def apply_redo(self, redo: dict[tuple[int, int, int], bytes]) -> None:
         """Copy slots that only the log holds durably into the data files, and sync them."""
@@ -346,7 +381,7 @@ class Replica:
             sealed = seal_snapshot(keys, self.header.volume_id, tree)
         self._sync_data_files()
         write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
-                           format.pack_snapshot(tree.seq, sealed))
+                           format.pack_snapshot(tree.seq, tree.term, sealed))
         if self._log_fd is not None:
             os.ftruncate(self._log_fd, 0)
             os.fsync(self._log_fd)
@@ -520,5 +555,6 @@ def _still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:
 
 
 def seal_snapshot(keys: codec.Keys, volume_id: bytes, tree: Tree) -> bytes:
-    return codec.seal_record(keys, volume_id, format.SNAPSHOT_KIND, tree.seq, tree.dump())
+    return codec.seal_record(keys, volume_id, format.SNAPSHOT_KIND,
+                             format.snapshot_context(tree.seq, tree.term), tree.dump())
 

@@ -15,6 +15,7 @@ rejoins: only then is its blame lifted.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -25,9 +26,9 @@ from functools import partial
 import trio
 
 from . import codec, format
-from .replica import ONLINE, STALE, Replica, ReplicaError, seal_snapshot, unlink_quietly
+from .replica import FAULTED, ONLINE, STALE, Replica, ReplicaError, seal_snapshot, unlink_quietly
 from .tree import HOLE, Tree, entry_gen, entry_slot
-from .volume import Volume, VolumeError, tree_digest
+from .volume import Volume, VolumeError
 
 log = logging.getLogger("lnmirrorfs.scrub")
 CHUNK_BLOCKS = 256
@@ -104,13 +105,14 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
         await _remove_extra_files(volume, targets, report, dry_run)
         volume.report_changes()
         report.seconds = round(time.monotonic() - started, 3)
-        recordable = not dry_run and not volume.suspended and len(volume.online) >= volume.quorum
+        recordable = (not dry_run and not volume.suspended
+                      and len(volume.online) >= volume.commit_quorum())
         if recordable:
-            await volume.commit(_absolve_ops(volume) + [
-                {"op": "scrubbed", "report": _summary(report)}])
+            await volume.commit([{"op": "scrubbed", "report": _summary(report)}])
         elif not dry_run:
             report.unrepairable.append(f"result not recorded: only {len(volume.online)} "
-                                       f"replica(s) writable, the write quorum is {volume.quorum}")
+                                       f"replica(s) writable, the write quorum is "
+                                       f"{volume.commit_quorum()}")
     if recordable:
         await volume.record_errors()
     return report
@@ -125,11 +127,13 @@ async def _throttle(bytes_read: int, started: float, rate_mb: float | None) -> N
 
 async def _check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
                         targets: list[Replica], report: Report, dry_run: bool,
-                        only: set[Replica] | None = None) -> None:
-    """Verify the shares of some blocks of one inode on every target; rewrite the bad ones."""
+                        only: set[Replica] | None = None) -> set[Replica]:
+    """Verify the shares of some blocks of one inode on every target; rewrite the bad ones.
+    Returns the replicas that could not be given a share they lack."""
     wanted = [(b, e) for b, e in wanted if e != HOLE]
     if not wanted:
-        return
+        return set()
+    unhealed: set[Replica] = set()
     size = volume.slot_size
     reads = await volume.run_jobs(
         [(r, partial(r.read_slots, [(ino, b, entry_slot(e)) for b, e in wanted], size))
@@ -160,11 +164,13 @@ async def _check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
         if len(good) < volume.k:
             report.unrepairable.append(f"{volume.path_of(ino)} block {block}: only {len(good)} "
                                        f"good shares of the {volume.k} needed")
+            unhealed.update(bad)
             continue
-        shares = _rebuild_shares(volume, ino, block, gen, good)
+        term = volume.tree.term_of(gen)
+        shares = _rebuild_shares(volume, ino, block, gen, term, good)
         offset = format.slot_offset(block, entry_slot(entry), size)
         for r in bad:
-            checksum = codec.share_checksum(volume.keys, volume.volume_id, ino, block, gen,
+            checksum = codec.share_checksum(volume.keys, volume.volume_id, ino, block, gen, term,
                                             r.index, shares[r.index])
             writes.setdefault(r, []).append((ino, offset, format.pack_slot(gen, checksum,
                                                                            shares[r.index])))
@@ -175,12 +181,14 @@ async def _check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
         for r in written:
             report.repaired_shares += len(writes[r])
             volume.bad_shares.difference_update((r.index, ino, b) for b in healed_blocks[r])
+        unhealed.update(r for r in writes if r not in written)
+    return unhealed
 
 
-def _rebuild_shares(volume: Volume, ino: int, block: int, gen: int,
+def _rebuild_shares(volume: Volume, ino: int, block: int, gen: int, term: int,
                     good: dict[int, bytes]) -> list[bytes]:
     sealed = codec.fec_decode(good, volume.k, volume.n, volume.block_size + codec.SEALED_OVERHEAD)
-    codec.decrypt_block(volume.keys, volume.volume_id, ino, block, gen, sealed)  # authenticates
+    codec.decrypt_block(volume.keys, volume.volume_id, ino, block, gen, term, sealed)  # authenticates
     return codec.fec_encode(sealed, volume.k, volume.n)
 
 
@@ -208,9 +216,71 @@ async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_s
             report.unrepairable.append(f"{r.path}: could not be healed ({r.reason})")
 
 
+Touched = list[tuple[int, list[tuple[int, int]]]]
+
+
+async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Touched]]) -> None:
+    """Bring replicas that only lag to the served state with exactly the blocks they lack,
+    then the current snapshot (as ZFS resilvers by birth txg, or DRBD by its bitmap).
+
+    A replica that shares the served log up to record `fork` holds every block born at or
+    before it, except those its own later (never acknowledged) records overwrote: it gets
+    the blocks born after the fork and those, verified and rebuilt from k good shares."""
+    targets = _scrub_targets(volume)
+    report = Report()
+    async with volume.lock:
+        ready = []
+        for r, (fork, touched) in lagging.items():
+            wanted = _blocks_since(volume.tree, fork, touched)
+            failed = False
+            for ino, blocks in sorted(wanted.items()):
+                entries = volume.tree.inodes[ino].blocks
+                for first in range(0, len(blocks), CHUNK_BLOCKS):
+                    chunk = [(b, entries[b]) for b in blocks[first:first + CHUNK_BLOCKS]]
+                    failed |= bool(await _check_blocks(volume, ino, chunk, targets, report,
+                                                       False, only={r}))
+            if failed:
+                r.state, r.reason = FAULTED, "could not be caught up: " + "; ".join(
+                    report.unrepairable[:1] or ["a write failed"])
+            else:
+                ready.append(r)
+        sealed = seal_snapshot(volume.keys, volume.volume_id, volume.tree)
+        done = await volume.run_jobs([(r, partial(_install_snapshot, volume, r, sealed))
+                                      for r in ready], len(ready))
+        for r in ready:
+            if r in done:
+                log.info("replica %s caught up to record %d", r.path, volume.tree.seq)
+            elif r.state != FAULTED:
+                r.state, r.reason = FAULTED, "could not be caught up: its snapshot write failed"
+        volume.report_changes()
+
+
+def _blocks_since(tree: Tree, fork: int, touched: Touched) -> dict[int, list[int]]:
+    """Per inode, the blocks whose current version is newer than `fork`, plus those the
+    replica's own records after `fork` wrote (their slots may hold other content now)."""
+    out: dict[int, set[int]] = {}
+    for ino, node in tree.inodes.items():
+        if node.is_reg:
+            newer = {b for b, e in enumerate(node.blocks) if entry_gen(e) > fork}
+            if newer:
+                out[ino] = newer
+    for seq, blocks in touched:
+        if seq <= fork:
+            continue
+        for ino, index in blocks:
+            node = tree.inodes.get(ino)
+            if node is not None and node.is_reg and index < len(node.blocks):
+                out.setdefault(ino, set()).add(index)
+    return {ino: sorted(blocks) for ino, blocks in out.items()}
+
+
 def _install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
     r.write_snapshot(volume.keys, volume.tree, sealed)
     r.rejoin()
+
+
+def tree_digest(tree: Tree) -> bytes:
+    return hashlib.blake2b(tree.dump(), digest_size=16).digest()
 
 
 async def _check_metadata(volume: Volume, targets: list[Replica], report: Report,
@@ -253,11 +323,6 @@ def _remove_all(r: Replica, file_ids: list[int], leftovers: list[str]) -> None:
         unlink_quietly(path)  # the housekeeping thread may be deleting it right now
 
 
-def _absolve_ops(volume: Volume) -> list[dict]:
-    return [{"op": "absolve", "replica": i} for i in list(volume.tree.blame)
-            if any(r.header and r.index == i and r.state == ONLINE for r in volume.replicas)]
-
-
 def _summary(report: Report) -> dict:
     return {"time": int(time.time()), "result": report.result, "blocks": report.blocks,
             "bad_shares": report.bad_shares, "repaired_shares": report.repaired_shares,
@@ -285,7 +350,7 @@ def attach_replacement(volume: Volume, old_path: str, new_path: str) -> Replica:
     index = replacement_index(volume, old_path)
     header = dataclasses.replace(next(r.header for r in volume.replicas if r.header),
                                  share_index=index)
-    empty = Tree.new(volume.block_size, 0, 0, 0)
+    empty = Tree.new(volume.block_size, 0, 0, 0, volume.quorum)
     try:
         new = Replica.create(new_path, header, volume.keys, empty)
         new.lock()

@@ -8,6 +8,7 @@ plain JSON-able dicts; they are validated by the volume before they are committe
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import stat
 import sys
@@ -126,11 +127,19 @@ def decode_ops(raw: bytes) -> list[dict]:
 
 
 class Tree:
-    """The whole volume's metadata at sequence number `seq`."""
+    """The whole volume's metadata at record `seq`, written in `term` at `time_ms`.
+
+    `terms` is the term history: (first record, term) for every writable open whose
+    records this state contains, oldest first.  Two replicas whose histories give the
+    same term for a record hold the same records up to it (log matching)."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.seq = 0
+        self.term = 0
+        self.time_ms = 0
+        self.terms: list[tuple[int, int]] = [(0, 0)]
+        self.quorum = 0                     # W, the write quorum; set at init, changed by ops
         self.next_ino = ROOT_INO + 1
         self.inodes: dict[int, Inode] = {}
         self.blame: dict[int, str] = {}
@@ -138,8 +147,10 @@ class Tree:
         self.last_scrub: dict = {}
 
     @classmethod
-    def new(cls, block_size: int, uid: int, gid: int, now_ns: int) -> Tree:
+    def new(cls, block_size: int, uid: int, gid: int, now_ns: int, quorum: int) -> Tree:
         tree = cls(block_size)
+        tree.quorum = quorum
+        tree.time_ms = now_ns // 1_000_000
         tree.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, nlink=2,
                                       atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
                                       entries={})
@@ -163,17 +174,26 @@ class Tree:
             if node.is_dir:
                 yield from self.walk(child_ino, path + b"/")
 
+    def term_of(self, seq: int) -> int:
+        """The term that wrote record `seq` of this state (0 for the empty initial state)."""
+        position = bisect.bisect_right(self.terms, (seq, float("inf"))) - 1
+        return self.terms[max(position, 0)][1]
+
     # ---- changing ----
 
-    def apply(self, seq: int, ops: list[dict]) -> None:
+    def apply(self, seq: int, term: int, time_ms: int, ops: list[dict]) -> None:
         if seq != self.seq + 1:
             raise TreeError(f"record {seq} does not follow {self.seq}")
+        if term < self.term:
+            raise TreeError(f"record {seq} has term {term} below {self.term}")
         for op in ops:
             try:
                 getattr(self, "_op_" + op["op"])(seq, op)
             except (KeyError, AttributeError, TypeError) as exc:
                 raise TreeError(f"record {seq}: bad op {op.get('op')!r}: {exc!r}") from None
-        self.seq = seq
+        if term != self.term:
+            self.terms.append((seq, term))
+        self.seq, self.term, self.time_ms = seq, term, time_ms
 
     def _op_mknod(self, seq: int, op: dict) -> None:
         now = op["time"]
@@ -239,6 +259,15 @@ class Tree:
         node.mtime_ns = node.ctime_ns = op["mtime"]
         node.trim_blocks(self.block_size)
 
+    def _op_term(self, seq: int, op: dict) -> None:
+        """A writable open starts: the first record of every term is this one."""
+
+    def _op_quorum(self, seq: int, op: dict) -> None:
+        w = op["w"]
+        if not isinstance(w, int) or w < 1:
+            raise TypeError(f"quorum {w!r}")
+        self.quorum = w
+
     def _op_free(self, seq: int, op: dict) -> None:
         del self.inodes[op["ino"]]
 
@@ -275,7 +304,9 @@ class Tree:
     # ---- snapshot serialization ----
 
     def dump(self) -> bytes:
-        doc = {"seq": self.seq, "next_ino": self.next_ino, "block_size": self.block_size,
+        doc = {"seq": self.seq, "term": self.term, "time_ms": self.time_ms,
+               "terms": self.terms, "quorum": self.quorum,
+               "next_ino": self.next_ino, "block_size": self.block_size,
                "blame": {str(k): v for k, v in self.blame.items()},
                "errors": {str(k): v for k, v in self.error_counts.items()},
                "last_scrub": self.last_scrub,
@@ -288,6 +319,10 @@ class Tree:
             doc = json.loads(zlib.decompress(raw))
             tree = cls(doc["block_size"])
             tree.seq = doc["seq"]
+            tree.term = doc["term"]
+            tree.time_ms = doc["time_ms"]
+            tree.terms = [(first, term) for first, term in doc["terms"]]
+            tree.quorum = doc["quorum"]
             tree.next_ino = doc["next_ino"]
             tree.blame = {int(k): v for k, v in doc["blame"].items()}
             tree.error_counts = {int(k): v for k, v in doc["errors"].items()}

@@ -1,19 +1,18 @@
 """Volume layer: the replicated tree.  Knows nothing of FUSE.
 
-Opening: every replica's tree is rebuilt from its snapshot and log; the newest sequence
-number wins, but only when enough replicas are present to prove no newer acknowledged
-state can exist elsewhere (`n - W + 1`), and when at least k replicas hold it.
+Opening: every replica's tree is rebuilt from its snapshot and log and the state choice
+(statechoice) picks the one to serve; a writable open catches up the replicas that only
+lag and writes its records in a new term.
 
-Changing: every change is one sealed log record with the next sequence number, carrying
-namespace ops and the new generations of written blocks (gen = that sequence number).
-A record is acknowledged once W replicas wrote its block shares, synced them, appended
-the record and synced the log.  Writes between syncs stay in memory.
+Changing: every change is one sealed log record with the next sequence number and this
+open's term, carrying namespace ops and the new generations of written blocks (gen = that
+sequence number).  A record is acknowledged once W replicas wrote its block shares, synced
+them, appended the record and synced the log.  Writes between syncs stay in memory.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import stat
@@ -25,7 +24,7 @@ from functools import partial
 
 import trio
 
-from . import codec, format
+from . import codec, format, statechoice
 from .replica import (
     FAULTED,
     MISSING,
@@ -75,8 +74,9 @@ def default_quorum(k: int, n: int) -> int:
 # ---------------------------------------------------------------- opening
 
 def open_replicas(paths: list[str], master: bytes) -> tuple[list[Replica], codec.Keys]:
-    """Open and cross-check the replica headers.  Missing directories come back MISSING;
-    anything foreign, corrupt, newer or keyed differently is refused outright."""
+    """Open and cross-check the replica headers.  Missing directories come back MISSING and
+    damaged headers FAULTED (the others may serve); a foreign replica, the wrong key, an
+    unknown version or a copied replica is refused outright."""
     if not paths:
         raise VolumeError("no replicas given (use --replica DIR)")
     if len(set(map(os.path.realpath, paths))) != len(paths):
@@ -91,72 +91,65 @@ def open_replicas(paths: list[str], master: bytes) -> tuple[list[Replica], codec
             replicas.append(Replica.open(path))
         except ReplicaError as exc:
             raise VolumeError(str(exc)) from None
-    headers = [r for r in replicas if r.header]
-    if not headers:
+    headed = [r for r in replicas if r.header]
+    if not headed:
+        if any(r.header_damage for r in replicas):
+            raise VolumeError("no replica has a readable header: " + "; ".join(
+                f"{r.path}: {r.reason}" for r in replicas if r.state != ONLINE))
         raise VolumeError("none of the replica directories exists: "
                           + ", ".join(r.path for r in replicas))
-    first = headers[0].header
+    reference = next((r for r in headed if r.header.authentic(keys)), None)
+    if reference is None:
+        first = headed[0].header
+        if first.key_check != codec.key_check(keys, first.volume_id):
+            raise VolumeError(f"{headed[0].path}: wrong key for volume {first.volume_hex}")
+        raise VolumeError(f"{headed[0].path}: replica header does not authenticate with this key")
+    _check_headers(replicas, reference, keys)
+    if len(replicas) > reference.header.n:
+        raise VolumeError(f"{len(replicas)} replicas given but the volume has n={reference.header.n}")
+    return replicas, keys
+
+
+def _check_headers(replicas: list[Replica], reference: Replica, keys: codec.Keys) -> None:
+    ref = reference.header
     seen: dict[int, str] = {}
-    for r in headers:
+    for r in replicas:
         h = r.header
-        if h.volume_id != first.volume_id:
+        if h is None:
+            continue
+        if h.volume_id != ref.volume_id:
             raise VolumeError(f"{r.path}: belongs to volume {h.volume_hex}, not "
-                              f"{first.volume_hex} like {headers[0].path}")
-        if (h.k, h.n, h.block_size) != (first.k, first.n, first.block_size):
-            raise VolumeError(f"{r.path}: header disagrees with {headers[0].path} on k/n/block size")
-        if h.key_check != codec.key_check(keys, h.volume_id):
-            raise VolumeError(f"{r.path}: wrong key for volume {h.volume_hex}")
+                              f"{ref.volume_hex} like {reference.path}")
+        if not h.authentic(keys):
+            _unheader(r, "header does not authenticate (edited without the key, or damaged)")
+            continue
+        if (h.k, h.n, h.block_size) != (ref.k, ref.n, ref.block_size):
+            raise VolumeError(f"{r.path}: header disagrees with {reference.path} on k/n/block size")
+        if h.share_index >= h.n:
+            _unheader(r, f"header names share {h.share_index}, the volume has only {h.n}")
+            continue
         if h.share_index in seen:
             raise VolumeError(f"{r.path} and {seen[h.share_index]} are the same share "
                               f"{h.share_index}: a copied replica?")
         seen[h.share_index] = r.path
-    if len(replicas) > first.n:
-        raise VolumeError(f"{len(replicas)} replicas given but the volume has n={first.n}")
-    return replicas, keys
 
 
-def tree_digest(tree: Tree) -> bytes:
-    return hashlib.blake2b(tree.dump(), digest_size=16).digest()
+def _unheader(r: Replica, why: str) -> None:
+    r.header, r.header_damage = None, why
+    r.state, r.reason = FAULTED, why
 
 
-def latest_possibly_acknowledged(seqs: list[int], n: int, quorum: int) -> int:
-    """The highest record that W replicas may hold, counting every missing one as a holder.
-
-    Records above it are on fewer than W replicas even if all missing ones had them: they
-    were never acknowledged, so serving the state just below them loses nothing."""
-    missing = n - len(seqs)
-    return max(s for s in seqs if sum(1 for t in seqs if t >= s) + missing >= quorum)
-
-
-def choose_current(replicas: list[Replica], loaded: dict, keys: codec.Keys, k: int, n: int,
-                   quorum: int) -> Tree:
-    """Pick the tree to serve, roll back never-acknowledged records, mark laggards STALE.
-
-    With more than n - W replicas loaded, at least one of them holds every acknowledged
-    record; with fewer, nothing proves the newest state here is the latest one."""
-    need_present = n - quorum + 1
-    if len(loaded) < need_present:
-        missing = [f"{r.path} ({r.reason})" for r in replicas if r not in loaded]
-        raise VolumeError(f"only {len(loaded)} of {n} replicas readable, need {need_present} to "
-                          f"prove the latest state; missing: {', '.join(missing) or 'unnamed'}")
-    serve = latest_possibly_acknowledged([res.tree.seq for res in loaded.values()], n, quorum)
-    current = [r for r, res in loaded.items() if res.tree.seq >= serve]
-    if len(current) < k:
-        raise VolumeError(f"record {serve} may have been acknowledged but only {len(current)} "
-                          f"readable replica(s) hold it, need k={k}: add the missing replicas")
-    for r in current:
-        if loaded[r].tree.seq > serve:  # holds records no quorum ever acknowledged
-            log.warning("replica %s: rolling back unacknowledged records after %d", r.path, serve)
-            loaded[r] = r.load(keys, upto=serve)
-    digests = {r.path: tree_digest(loaded[r].tree) for r in current}
-    if len(set(digests.values())) > 1:
-        raise VolumeError("split brain: replicas " + ", ".join(digests) +
-                          f" hold different states at record {serve}; nothing picks one for "
-                          "you: restore each alone, keep the right one, replace the others")
-    for r, res in loaded.items():
-        if res.tree.seq < serve:
-            r.mark(STALE, f"behind: at record {res.tree.seq} of {serve}")
-    return loaded[current[0]].tree
+def _view(r: Replica, keys: codec.Keys) -> statechoice.View:
+    """Lock and load one replica for the state choice."""
+    if r.header is None:
+        return statechoice.View(r.path, None, problem=r.reason, missing=r.state == MISSING)
+    try:
+        r.lock()
+        return statechoice.View(r.path, r.index, loaded=r.load(keys))
+    except ReplicaInUse as exc:
+        raise VolumeError(str(exc)) from None
+    except ReplicaError as exc:
+        return statechoice.View(r.path, r.index, problem=str(exc).split(": ", 1)[-1])
 
 
 # ---------------------------------------------------------------- the volume
@@ -172,9 +165,14 @@ class Volume:
         self.volume_id = header.volume_id
         self.k, self.n, self.block_size = header.k, header.n, header.block_size
         self.slot_size = format.slot_size(self.block_size, self.k)
-        self.quorum = options.quorum or default_quorum(self.k, self.n)
+        self.quorum = tree.quorum or default_quorum(self.k, self.n)
         self.suspended = ""                      # set when a commit missed quorum
         self.writable = True
+        self.choice: statechoice.Choice | None = None
+        self.term = 0                            # this open's term; its first record starts it
+        self.term_started = False
+        self.committed = tree.seq                # highest record known acknowledged
+        self.wanted_quorum: int | None = None    # a W change this open's first record logs
         self.lock = trio.Lock()                  # serializes check + commit + apply
         self.dirty: dict[int, dict[int, bytearray]] = {}
         self.inflight: dict[int, dict[int, bytes]] = {}
@@ -195,55 +193,88 @@ class Volume:
     @classmethod
     def open(cls, paths: list[str], master: bytes, options: Options | None = None,
              writable: bool = True) -> Volume:
-        """Open the replica set; read-only opens change no byte on any replica."""
+        """Open the replica set and choose the state to serve (statechoice).  Read-only
+        opens change no byte on any replica; writable ones catch up the replicas that
+        lag (exactly the blocks they lack) and start a new term."""
         options = options or Options()
         replicas, keys = open_replicas(paths, master)
         header = next(r.header for r in replicas if r.header)
-        quorum = options.quorum or default_quorum(header.k, header.n)
-        if not header.k <= quorum <= header.n:
-            raise VolumeError(f"quorum {quorum} must be between k={header.k} and n={header.n}")
-        loaded = {}
-        for r in replicas:
+        views = [_view(r, keys) for r in replicas]
+        try:
+            choice = statechoice.decide(views, header.n, header.k)
+        except statechoice.ChoiceError as exc:
+            raise VolumeError(str(exc)) from None
+        if writable and choice.doubt:
+            raise VolumeError(f"cannot prove the latest state: {choice.doubt}")
+        for r, view in zip(replicas, views, strict=True):
+            verdict = choice.verdicts[view.name]
+            if r.header is not None:
+                r.state, r.reason = verdict.state, verdict.reason
+        volume = cls(replicas, keys, choice.tree, options)
+        volume.choice, volume.writable = choice, writable
+        volume.committed = choice.commit
+        volume._start(views)
+        if writable:
+            volume.term = choice.new_term()
+            volume._set_quorum(options.quorum)
+            trio.run(volume._catch_up, views)
+        return volume
+
+    def _start(self, views: list[statechoice.View]) -> None:
+        """Give every replica with a header a worker (scrub reads and heals the lagging
+        ones), and make the current ones ready to serve."""
+        for r, view in zip(self.replicas, views, strict=True):
             if r.header is None:
                 continue
-            try:
-                r.lock()
-                loaded[r] = r.load(keys)
-            except ReplicaInUse as exc:
-                raise VolumeError(str(exc)) from None
-            except ReplicaError as exc:
-                r.mark(FAULTED, str(exc).split(": ", 1)[-1])
-        tree = choose_current(replicas, loaded, keys, header.k, header.n, quorum)
-        for r in replicas:
-            if r.header is None:
-                continue
-            # Every replica with a header gets a worker: scrub reads and heals the lagging ones.
             r.start_worker()
-            r.counters = Counters(**tree.error_counts.get(r.index, {}))
+            r.counters = Counters(**self.tree.error_counts.get(r.index, {}))
             if r.state != ONLINE:
                 continue
-            if not writable:
-                r.overlay = loaded[r].redo
+            self.log_bytes = max(self.log_bytes, view.loaded.log_end)
+            if not self.writable:
+                r.overlay = view.loaded.redo
                 continue
             try:
-                r.apply_redo(loaded[r].redo)
-                r.open_log(loaded[r].log_end)
+                r.apply_redo(view.loaded.redo)
+                r.open_log(view.loaded.log_end)
             except OSError as exc:
                 r.mark(FAULTED, f"cannot recover or open the log for writing: {exc.strerror}")
-        volume = cls(replicas, keys, tree, options)
-        volume.writable = writable
-        volume.log_bytes = max((res.log_end for res in loaded.values()), default=0)
-        return volume
+
+    def _set_quorum(self, wanted: int | None) -> None:
+        """A W asked for at mount that differs from the volume's is logged by this open's
+        first record; until that record is acknowledged the stricter of the two holds."""
+        if wanted is None or wanted == self.tree.quorum:
+            return
+        if not self.k <= wanted <= self.n:
+            raise VolumeError(f"quorum {wanted} must be between k={self.k} and n={self.n}")
+        self.wanted_quorum = wanted
+
+    async def _catch_up(self, views: list[statechoice.View]) -> None:
+        """Bring replicas that are only behind (or hold never-acknowledged records of an
+        old mount) to the served state: exactly the blocks they lack, then the snapshot."""
+        from .scrub import catch_up  # scrub builds on the volume, not the other way round
+        lagging = {}
+        for r, view in zip(self.replicas, views, strict=True):
+            verdict = self.choice.verdicts[view.name]
+            if r.state == STALE and view.loaded and verdict.fork >= view.loaded.snapshot_seq:
+                lagging[r] = (verdict.fork, view.loaded.touched)
+        if lagging:
+            await catch_up(self, lagging)
 
     def check_quorum(self) -> None:
         """Refuse to serve writes that could never be acknowledged (a mount would only
         give lightningd EIO on its first commit); scrub, which heals, does not ask."""
         usable = len(self.online)
-        if usable < self.quorum:
-            problems = "; ".join(f"{r.path}: {r.state} ({r.reason})" for r in self.replicas
+        if usable < self.commit_quorum():
+            problems = "; ".join(f"{r.path} is {r.state} ({r.reason})" for r in self.replicas
                                  if r.state != ONLINE)
             raise VolumeError(f"only {usable} replica(s) writable, the write quorum is "
-                              f"{self.quorum}: {problems}; heal with lnmirror scrub")
+                              f"{self.commit_quorum()}: {problems}; heal with lnmirror scrub "
+                              "--replica ... (unmounted)")
+
+    def commit_quorum(self) -> int:
+        """W for the next record: the stricter of the old and new W while a change is pending."""
+        return max(self.quorum, self.wanted_quorum or 0)
 
     def close(self) -> None:
         for r in self.replicas:
@@ -341,34 +372,69 @@ class Volume:
                + write_ops + ops)
         if not ops:
             return
-        sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, seq, encode_ops(ops))
+        ops = self._term_ops() + ops
+        need = self.commit_quorum()
+        head = format.RecordHead(seq, self.term, self.committed, time.time_ns() // 1_000_000, need)
+        sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, head.context(),
+                                   encode_ops(ops))
         # Small commits carry their shares in the log record: one fdatasync per replica.
         inline = len(slots[0]) <= INLINE_BLOCKS
-        records = [format.pack_record(seq, sealed, b"".join(s[2] for s in mine) if inline else b"")
+        records = [format.pack_record(head, sealed, b"".join(s[2] for s in mine) if inline else b"")
                    for mine in slots]
-        targets = self.online
-        done = await self.run_jobs([(r, partial(r.commit, slots[r.index], records[r.index], inline))
-                                for r in targets], self.quorum)
-        self.stats["commits"] += 1
-        if len(done) < self.quorum:
-            self.suspended = (f"write quorum lost at record {seq}: {len(done)} of the needed "
-                              f"{self.quorum} replicas answered")
-            log.error("%s; further changes fail with EIO until remount", self.suspended)
-            self.on_event("quorum-lost", "", self.suspended)
-            self._requeue_inflight([op["ino"] for op in write_ops])
-            raise fail(errno.EIO, self.suspended)
-        self.tree.apply(seq, ops)
-        self._settle_inflight(inos)
-        for node in freed:
-            self._forget(node)
-        self.log_bytes += len(records[0])
-        if self.log_bytes > self.options.snapshot_log_bytes:
-            await self.snapshot()
+        # Once the record is handed to the replicas it exists there: a cancelled caller
+        # (shutdown, a killed scrub) must not leave it unapplied here, or the next record
+        # would reuse its number.  run_jobs is bounded by the deadline.
+        with trio.CancelScope(shield=True):
+            done = await self.run_jobs(
+                [(r, partial(r.commit, slots[r.index], records[r.index], inline))
+                 for r in self.online], need)
+            self.stats["commits"] += 1
+            if len(done) < need:
+                self._lose_quorum(seq, len(done), need, write_ops)
+            self.tree.apply(seq, head.term, head.time_ms, ops)
+            self._acknowledged(seq)
+            self._settle_inflight(inos)
+            for node in freed:
+                self._forget(node)
+            self.log_bytes += len(records[0])
+            if self.log_bytes > self.options.snapshot_log_bytes:
+                await self.snapshot()
+
+    def _term_ops(self) -> list[dict]:
+        """The first record of an open starts its term (and logs a change of W)."""
+        if self.term_started:
+            return []
+        ops = [{"op": "term", "term": self.term}]
+        if self.wanted_quorum is not None:
+            ops.append({"op": "quorum", "w": self.wanted_quorum})
+        return ops
+
+    def _acknowledged(self, seq: int) -> None:
+        self.committed = seq
+        self.term_started = True
+        self.quorum = self.tree.quorum
+        self.wanted_quorum = None
+
+    def _lose_quorum(self, seq: int, answered: int, need: int, write_ops: list[dict]) -> None:
+        self.suspended = (f"write quorum lost at record {seq}: {answered} of the needed "
+                          f"{need} replicas answered")
+        log.error("%s; further changes fail with EIO until remount", self.suspended)
+        self.on_event("quorum-lost", "", self.suspended)
+        self._requeue_inflight([op["ino"] for op in write_ops])
+        raise fail(errno.EIO, self.suspended)
 
     def _blame_ops(self) -> list[dict]:
-        return [{"op": "blame", "replica": r.index, "reason": r.reason}
-                for r in self.replicas
-                if r.header and r.state in (FAULTED, STALE) and r.index not in self.tree.blame]
+        """Blame replicas that stopped getting records; absolve healed ones."""
+        ops = []
+        for r in self.replicas:
+            if r.header is None:
+                continue
+            blamed = r.index in self.tree.blame
+            if r.state in (FAULTED, STALE) and not blamed:
+                ops.append({"op": "blame", "replica": r.index, "reason": r.reason})
+            elif r.state == ONLINE and blamed:
+                ops.append({"op": "absolve", "replica": r.index})
+        return ops
 
     def _encode_dirty(self, ino: int, seq: int, slots: list[list]) -> dict:
         """Seal and FEC-encode an inode's dirty blocks for generation seq into per-replica slots."""
@@ -383,7 +449,7 @@ class Volume:
             slot = 1 - entry_slot(old) if old != HOLE else 0
             offset = format.slot_offset(index, slot, self.slot_size)
             for i, (checksum, share) in enumerate(codec.encode_block(
-                    self.keys, self.volume_id, self.k, self.n, ino, index, seq, data)):
+                    self.keys, self.volume_id, self.k, self.n, ino, index, seq, self.term, data)):
                 slots[i].append((ino, offset, format.pack_slot(seq, checksum, share)))
             packed.append(index << 1 | slot)
         return {"op": "write", "ino": ino, "blocks": packed,
@@ -490,7 +556,8 @@ class Volume:
         for index, gen, _ in wanted:
             try:
                 out[index] = codec.decode_block(self.keys, self.volume_id, self.k, self.n, ino,
-                                                index, gen, shares[index], self.block_size)
+                                                index, gen, self.tree.term_of(gen), shares[index],
+                                                self.block_size)
             except codec.CodecError as exc:
                 log.error("inode %d block %d: shares verified but block does not decrypt: %s",
                           ino, index, exc)
@@ -502,7 +569,8 @@ class Volume:
         got_gen, checksum, share = format.unpack_slot(raw)
         if got_gen != gen:
             return None
-        expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen, r.index, share)
+        expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen,
+                                        self.tree.term_of(gen), r.index, share)
         return share if checksum == expected else None
 
     def _verify_share(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
@@ -539,13 +607,27 @@ class Volume:
         return b"".join(parts)
 
     async def _dirty_block(self, node: Inode, index: int) -> bytearray:
-        blocks = self.dirty.setdefault(node.ino, {})
-        buf = blocks.get(index)
-        if buf is None:
+        """The buffer a partial write of a block goes into, filled with its current content.
+
+        Reading that content may wait for the replicas; meanwhile another write of the same
+        block may be buffered or even committed (an mmap writeback, a second handle).  What
+        was read is used only if the block is still where it was read from."""
+        while True:
+            buf = self.dirty.get(node.ino, {}).get(index)
+            if buf is not None:
+                return buf
+            before = self._block_version(node, index)
             old = await self.read_block(node, index)
-            blocks = self.dirty.setdefault(node.ino, {})  # a commit may have run meanwhile
-            buf = blocks.setdefault(index, bytearray(old))
-        return buf
+            buf = self.dirty.get(node.ino, {}).get(index)
+            if buf is not None:
+                return buf
+            if self._block_version(node, index) == before:
+                return self.dirty.setdefault(node.ino, {}).setdefault(index, bytearray(old))
+
+    def _block_version(self, node: Inode, index: int) -> tuple:
+        """What identifies a block's current content: its map entry and any copy in flight."""
+        entry = node.blocks[index] if index < len(node.blocks) else HOLE
+        return entry, id(self.inflight.get(node.ino, {}).get(index)), self.size_of(node)
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         node = self.tree.inodes[ino]

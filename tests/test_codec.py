@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import string
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -44,6 +45,7 @@ def blocks(draw, k: int | None = None, n: int | None = None):
         "fid": draw(u64),
         "blk": draw(u64),
         "gen": draw(u64),
+        "term": draw(u64),
         "k": k,
         "n": n,
         "bs": bs,
@@ -52,17 +54,24 @@ def blocks(draw, k: int | None = None, n: int | None = None):
 
 
 def encode(b: dict) -> list[tuple[bytes, bytes]]:
-    return codec.encode_block(b["keys"], b["vid"], b["k"], b["n"], b["fid"], b["blk"], b["gen"], b["pt"])
+    return codec.encode_block(b["keys"], b["vid"], b["k"], b["n"], b["fid"], b["blk"], b["gen"],
+                              b["term"], b["pt"])
 
 
 def decode(b: dict, shares: dict[int, bytes]) -> bytes:
     return codec.decode_block(b["keys"], b["vid"], b["k"], b["n"], b["fid"], b["blk"], b["gen"],
-                              shares, b["bs"])
+                              b["term"], shares, b["bs"])
 
 
 def checksum(b: dict, index: int, share: bytes, **moved) -> bytes:
-    loc = {"vid": b["vid"], "fid": b["fid"], "blk": b["blk"], "gen": b["gen"], **moved}
-    return codec.share_checksum(b["keys"], loc["vid"], loc["fid"], loc["blk"], loc["gen"], index, share)
+    loc = {"vid": b["vid"], "fid": b["fid"], "blk": b["blk"], "gen": b["gen"], "term": b["term"], **moved}
+    return codec.share_checksum(b["keys"], loc["vid"], loc["fid"], loc["blk"], loc["gen"], loc["term"],
+                                index, share)
+
+
+def ctx(seq: int) -> bytes:
+    """A record head's context bytes (what seal_record binds), here just a number."""
+    return struct.pack("<Q", seq)
 
 
 def flip(data: bytes, pos: int, bit: int) -> bytes:
@@ -143,7 +152,7 @@ def test_any_flipped_bit_in_a_share_fails_its_checksum(b, data):
 def test_every_byte_position_of_every_share_is_checksummed(k, n):
     """Exhaustive over positions for one 512-byte block per shape (the random test samples)."""
     b = {"keys": codec.Keys.derive(bytes(range(32))), "vid": b"v" * 16, "fid": 3, "blk": 5, "gen": 7,
-         "k": k, "n": n, "bs": 512, "pt": bytes(range(256)) * 2}
+         "term": 9, "k": k, "n": n, "bs": 512, "pt": bytes(range(256)) * 2}
     for i, (cs, share) in enumerate(encode(b)):
         for pos in range(len(share)):
             assert checksum(b, i, flip(share, pos, pos % 8)) != cs, (i, pos)
@@ -195,7 +204,7 @@ def test_flipped_byte_anywhere_never_yields_wrong_plaintext(b, data):
     assert out == b["pt"]
 
 
-MOVES = ["blk", "fid", "gen", "vid"]
+MOVES = ["blk", "fid", "gen", "term", "vid"]
 
 
 @given(b=blocks(), move=st.sampled_from(MOVES), data=st.data())
@@ -203,14 +212,14 @@ MOVES = ["blk", "fid", "gen", "vid"]
 def test_moved_block_is_rejected(b, move, data):
     strategy = volume_ids if move == "vid" else u64
     new = data.draw(strategy.filter(lambda v: v != b[move]), label=f"new {move}")
-    loc = {key: b[key] for key in ("vid", "fid", "blk", "gen")}
+    loc = {key: b[key] for key in ("vid", "fid", "blk", "gen", "term")}
     moved = {**loc, move: new}
     keys = b["keys"]
 
-    sealed = codec.encrypt_block(keys, loc["vid"], loc["fid"], loc["blk"], loc["gen"], b["pt"])
-    assert codec.decrypt_block(keys, loc["vid"], loc["fid"], loc["blk"], loc["gen"], sealed) == b["pt"]
+    sealed = codec.encrypt_block(keys, *loc.values(), b["pt"])
+    assert codec.decrypt_block(keys, *loc.values(), sealed) == b["pt"]
     with pytest.raises(codec.CodecError):
-        codec.decrypt_block(keys, moved["vid"], moved["fid"], moved["blk"], moved["gen"], sealed)
+        codec.decrypt_block(keys, *moved.values(), sealed)
 
     pairs = encode(b)
     for i, (cs, share) in enumerate(pairs):
@@ -227,7 +236,8 @@ def test_block_under_another_key_is_rejected(b, other):
         return
     pairs = encode(b)
     for i, (cs, share) in enumerate(pairs):
-        assert codec.share_checksum(keys2, b["vid"], b["fid"], b["blk"], b["gen"], i, share) != cs
+        assert codec.share_checksum(keys2, b["vid"], b["fid"], b["blk"], b["gen"], b["term"], i,
+                                    share) != cs
     with pytest.raises(codec.CodecError):
         decode({**b, "keys": keys2}, {i: pairs[i][1] for i in range(b["k"])})
 
@@ -258,9 +268,9 @@ def test_share_checksum_binds_share_index(b, data):
 def test_too_short_sealed_data_is_rejected(master, vid, fid, blk, gen, sealed):
     keys = codec.Keys.derive(master)
     with pytest.raises(codec.CodecError):
-        codec.decrypt_block(keys, vid, fid, blk, gen, sealed)
+        codec.decrypt_block(keys, vid, fid, blk, gen, gen, sealed)
     with pytest.raises(codec.CodecError):
-        codec.open_record(keys, vid, format.LOG_KIND, gen, sealed)
+        codec.open_record(keys, vid, format.LOG_KIND, ctx(gen), sealed)
 
 
 # ---- paper key ----
@@ -364,34 +374,34 @@ kinds = st.one_of(st.sampled_from([format.LOG_KIND, format.SNAPSHOT_KIND]),
 @fast(150)
 def test_record_bound_to_kind_seq_volume_and_key(master, vid, kind, seq, pt, data):
     keys = codec.Keys.derive(master)
-    sealed = codec.seal_record(keys, vid, kind, seq, pt)
+    sealed = codec.seal_record(keys, vid, kind, ctx(seq), pt)
     assert len(sealed) == len(pt) + codec.SEALED_OVERHEAD
-    assert codec.open_record(keys, vid, kind, seq, sealed) == pt
+    assert codec.open_record(keys, vid, kind, ctx(seq), sealed) == pt
 
     other_kind = data.draw(kinds.filter(lambda x: x != kind), label="other kind")
     other_seq = data.draw(u64.filter(lambda x: x != seq), label="other seq")
     other_vid = data.draw(volume_ids.filter(lambda x: x != vid), label="other vid")
     other_master = data.draw(masters.filter(lambda x: x != master), label="other master")
-    for args in [(keys, vid, other_kind, seq), (keys, vid, kind, other_seq),
-                 (keys, other_vid, kind, seq), (codec.Keys.derive(other_master), vid, kind, seq)]:
+    for args in [(keys, vid, other_kind, ctx(seq)), (keys, vid, kind, ctx(other_seq)),
+                 (keys, other_vid, kind, ctx(seq)), (codec.Keys.derive(other_master), vid, kind, ctx(seq))]:
         with pytest.raises(codec.CodecError):
             codec.open_record(*args, sealed)
 
     # A record is not a block and a block is not a record (separate subkeys).
     with pytest.raises(codec.CodecError):
-        codec.decrypt_block(keys, vid, 0, 0, seq, sealed)
+        codec.decrypt_block(keys, vid, 0, 0, seq, 0, sealed)
 
     pos = data.draw(st.integers(min_value=0, max_value=len(sealed) - 1), label="flip pos")
     with pytest.raises(codec.CodecError):
-        codec.open_record(keys, vid, kind, seq, flip(sealed, pos, data.draw(st.integers(0, 7))))
+        codec.open_record(keys, vid, kind, ctx(seq), flip(sealed, pos, data.draw(st.integers(0, 7))))
 
 
 def test_log_record_is_not_a_snapshot():
     keys = codec.Keys.derive(bytes(range(32)))
     vid = bytes(16)
-    sealed = codec.seal_record(keys, vid, format.LOG_KIND, 5, b"ops")
+    sealed = codec.seal_record(keys, vid, format.LOG_KIND, ctx(5), b"ops")
     with pytest.raises(codec.CodecError):
-        codec.open_record(keys, vid, format.SNAPSHOT_KIND, 5, sealed)
+        codec.open_record(keys, vid, format.SNAPSHOT_KIND, ctx(5), sealed)
 
 
 # ---- key derivation ----
@@ -400,14 +410,14 @@ def test_log_record_is_not_a_snapshot():
 @fast(100)
 def test_keys_derive_separates_purposes(master, other):
     keys = codec.Keys.derive(master)
-    subkeys = [keys.block, keys.meta, keys.share, keys.check]
+    subkeys = [keys.block, keys.meta, keys.share, keys.check, keys.header]
     assert all(len(s) == codec.KEY_BYTES for s in subkeys)
-    assert len(set(subkeys)) == 4
+    assert len(set(subkeys)) == 5
     assert master not in subkeys
     assert codec.Keys.derive(master) == keys
     if other != master:
         keys2 = codec.Keys.derive(other)
-        assert not set(subkeys) & {keys2.block, keys2.meta, keys2.share, keys2.check}
+        assert not set(subkeys) & {keys2.block, keys2.meta, keys2.share, keys2.check, keys2.header}
         assert codec.key_check(keys, bytes(16)) != codec.key_check(keys2, bytes(16))
 
 

@@ -1,0 +1,197 @@
+"""State choice: which replica holds the latest acknowledged state, and what each other
+replica is (current, behind, diverged, blamed, damaged).  Pure: views in, a choice out.
+
+The replicas hold one log written by one writer at a time (the mount), so this is the
+question Raft's election restriction answers (docs/design.md, "Choosing the state"):
+
+- every writable open is a new *term* (a number above every term seen, plus a random
+  nonce); a record is identified by (term, seq) and never reused, even when records that
+  were never acknowledged are dropped;
+- log matching: two replicas whose term histories agree on record s hold the same records
+  up to s (one writer per term appends in order);
+- the served state is the log that is most up to date by (term number, seq): any
+  acknowledged record is on W replicas, so if at least n - W + 1 replicas that have not
+  provably lost acknowledged records are here, one of them holds it, and the most up to
+  date log contains every record an older-or-equal log holds that was acknowledged;
+- every record carries the commit point of its time: a replica whose log ends below the
+  highest commit point anyone carries is STALE however many agree with it; a replica
+  blamed by the served state is STALE until absolved; a replica with a damaged log or
+  snapshot is FAULTED and counts for nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .replica import FAULTED, MISSING, ONLINE, STALE, Loaded
+from .tree import Tree
+
+TERM_NONCE_BITS = 32
+
+
+class ChoiceError(Exception):
+    """The replicas present cannot give a state that is safe to serve; one line why."""
+
+
+@dataclass(frozen=True)
+class View:
+    """One replica as the state choice sees it."""
+
+    name: str
+    index: int | None
+    loaded: Loaded | None = None
+    problem: str = ""          # why there is nothing loaded (missing, unreadable...)
+    missing: bool = False
+
+
+@dataclass
+class Verdict:
+    state: str
+    reason: str = ""
+    fork: int = 0              # last record it shares with the served state (STALE ones)
+
+
+@dataclass
+class Choice:
+    source: View               # the replica whose log is served
+    commit: int                # highest record known acknowledged
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    doubt: str = ""            # why the replicas here cannot prove this is the latest state
+    max_term: int = 0
+
+    @property
+    def tree(self) -> Tree:
+        return self.source.loaded.tree
+
+    @property
+    def proven(self) -> bool:
+        return not self.doubt
+
+    def new_term(self) -> int:
+        """A term above every one seen, with a random nonce so that two opens that could
+        not see each other's (failed) starts still never share a record identity."""
+        number = (self.max_term >> TERM_NONCE_BITS) + 1
+        nonce = int.from_bytes(os.urandom(TERM_NONCE_BITS // 8), "little")
+        return number << TERM_NONCE_BITS | nonce
+
+
+def term_number(term: int) -> int:
+    return term >> TERM_NONCE_BITS
+
+
+def freshness(tree: Tree) -> tuple[int, int, int]:
+    """Raft's "at least as up to date": the last term's number, then the log's length
+    (the nonce only breaks ties between failed opens, which wrote no data)."""
+    return term_number(tree.term), tree.seq, tree.term
+
+
+def fork_point(a: Tree, b: Tree) -> int:
+    """The last record both states share: they agree on a prefix of the log, so the
+    records where their term histories give the same term are 0..fork."""
+    lo, hi = 0, min(a.seq, b.seq)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a.term_of(mid) == b.term_of(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def decide(views: list[View], n: int, k: int) -> Choice:
+    """Choose the state to serve and classify every replica; ChoiceError if none is safe."""
+    readable = [v for v in views if v.loaded is not None]
+    healthy = [v for v in readable if not v.loaded.damage]
+    if not healthy:
+        raise ChoiceError("no replica has readable metadata: " + _reasons(views))
+    source = max(healthy, key=lambda v: freshness(v.loaded.tree))
+    served = source.loaded.tree
+    choice = Choice(source, commit=served.seq,
+                    max_term=max(max(v.loaded.max_term, v.loaded.tree.term) for v in readable))
+    choice.commit = _check_commits(readable, source)
+    for v in views:
+        choice.verdicts[v.name] = _verdict(v, source, choice.commit)
+    online = [v for v in healthy if choice.verdicts[v.name].state == ONLINE]
+    if len(online) < k:
+        raise ChoiceError(f"record {served.seq} is held by {len(online)} current replica(s), "
+                          f"k={k} are needed to read it: {_reasons(views, choice)}")
+    choice.doubt = _doubt(views, healthy, choice, n)
+    return choice
+
+
+def _check_commits(readable: list[View], source: View) -> int:
+    """The highest commit point any replica carries; each must be in the served log."""
+    served = source.loaded.tree
+    commit = 0
+    for v in readable:
+        point = v.loaded.commit
+        if point > served.seq:
+            raise ChoiceError(
+                f"record {point} was acknowledged ({v.name} says so) but no replica with an intact "
+                f"log holds it ({source.name} ends at record {served.seq}): "
+                f"{'; '.join(filter(None, [v.loaded.damage]))} -- restore from a copy that has it, "
+                "or heal the damaged replica by hand")
+        tree = v.loaded.tree
+        if point <= tree.seq and tree.term_of(point) != served.term_of(point):
+            raise ChoiceError(
+                f"split brain: {v.name} and {source.name} hold different records {point} and both "
+                "were acknowledged (two mounts wrote without seeing each other); nothing picks one "
+                "for you: restore each alone, keep the right one, replace the others")
+        commit = max(commit, point)
+    return commit
+
+
+def _verdict(v: View, source: View, commit: int) -> Verdict:
+    if v.loaded is None:
+        return Verdict(MISSING if v.missing else FAULTED, v.problem)
+    if v.loaded.damage:
+        return Verdict(FAULTED, v.loaded.damage)
+    tree, served = v.loaded.tree, source.loaded.tree
+    fork = fork_point(tree, served)
+    blamed = served.blame.get(v.index) if v.index is not None else None
+    if fork == tree.seq == served.seq:
+        if blamed is not None:
+            return Verdict(STALE, f"blamed: {blamed}", fork)
+        return Verdict(ONLINE)
+    if fork == tree.seq:
+        if tree.seq < commit:
+            why = f"behind: at record {tree.seq}, record {commit} was acknowledged"
+        else:
+            why = f"behind: at record {tree.seq} of {served.seq}"
+    else:
+        why = (f"diverged after record {fork}: holds records {fork + 1}-{tree.seq} of an "
+               "earlier mount that were never acknowledged")
+    if blamed is not None:
+        why += f" (blamed: {blamed})"
+    return Verdict(STALE, why, fork)
+
+
+def _doubt(views: list[View], healthy: list[View], choice: Choice, n: int) -> str:
+    """Empty if the replicas here prove no newer acknowledged state exists elsewhere.
+
+    A replica vouches unless it provably lost acknowledged records (it ends below the
+    commit point, or the served state blames it): such a replica may be an old copy,
+    and an old copy is no evidence about what the real one held."""
+    served = choice.tree
+    vouching = [v for v in healthy
+                if choice.verdicts[v.name].fork >= choice.commit or v is choice.source
+                if v.index not in served.blame]
+    quorum = min([served.quorum] + [v.loaded.tree.quorum for v in vouching])
+    need = n - quorum + 1
+    if len(vouching) >= need:
+        return ""
+    return (f"only {len(vouching)} of {n} replicas can vouch for record {served.seq} being the "
+            f"latest (need {need} with write quorum {quorum}): {_reasons(views, choice)}")
+
+
+def _reasons(views: list[View], choice: Choice | None = None) -> str:
+    out = []
+    for v in views:
+        if choice is not None:
+            verdict = choice.verdicts[v.name]
+            if verdict.state != ONLINE:
+                out.append(f"{v.name} is {verdict.state} ({verdict.reason})")
+        elif v.problem or (v.loaded and v.loaded.damage):
+            out.append(f"{v.name}: {v.problem or v.loaded.damage}")
+    return "; ".join(out) or "no other replica given"
