@@ -255,7 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             volume.close()
     else:
         raise CliError("give a MOUNTPOINT or --replica directories")
-    healthy = status.get("state") == "ONLINE" and all(
+    healthy = status.get("state") == "ONLINE" and not status.get("doubt") and all(
         r["state"] == "ONLINE" for r in status.get("replicas", []))
     if args.json:
         print(json.dumps(status, indent=2))
@@ -342,7 +342,9 @@ def format_status(s: dict) -> str:
         return f"error: {s['error']}"
     lines = [f"volume {s['volume']}  k={s['k']} n={s['n']} quorum={s['quorum']}",
              f"  state: {s['state']}" + (f" ({s['reason']})" if s["reason"] else ""),
-             f"  record: {s['record']}   bad shares seen: {s['bad_shares']}",
+             f"  record: {s['record']} written {format_when(s['written_ms'])}"
+             f"   bad shares seen: {s['bad_shares']}",
+             *([f"  NOT PROVEN LATEST: {s['doubt']}"] if s.get("doubt") else []),
              f"  last scrub: {_scrub_line(s.get('last_scrub') or {})}",
              "",
              f"  {'SHARE':<6}{'STATE':<9}{'FREE':>9}  {'READ':>5}{'WRITE':>6}{'CKSUM':>6}  PATH"]
@@ -355,6 +357,11 @@ def format_status(s: dict) -> str:
     for index, why in s.get("blamed", {}).items():
         lines.append(f"  share {index} is blamed by the others: {why} (heal with lnmirror scrub)")
     return "\n".join(lines)
+
+
+def format_when(ms: int) -> str:
+    """A record's time for operators: UTC, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
 
 
 def _scrub_line(scrub: dict) -> str:
@@ -379,6 +386,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not args.replica:
         raise CliError("give the replica directories with --replica (or --config)")
     volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
+    record = f"record {volume.tree.seq} written {format_when(volume.tree.time_ms)}"
+    doubt = volume.choice.doubt
+    if doubt and not args.unproven:
+        volume.close()
+        raise CliError(f"cannot prove {record} is the latest state: {doubt}; give the missing "
+                       "replicas, or add --unproven to restore it anyway")
     try:
         counts = trio.run(restore_tree, volume, args.target, sys.stderr.isatty())
     except RestoreError as exc:
@@ -387,9 +400,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise CliError(f"restore failed: {exc.strerror or exc}") from None
     finally:
         volume.close()
-    print(f"restored record {volume.tree.seq} to {args.target}: {counts['files']} files, "
+    print(f"restored {record} to {args.target}: {counts['files']} files, "
           f"{counts['dirs']} directories, {counts['links']} extra hard links, "
           f"{counts['bytes']} bytes, all blocks verified")
+    if doubt:
+        print(f"WARNING: not proven to be the latest state: {doubt}", file=sys.stderr)
+    elif len(args.replica) < volume.n:
+        print(f"note: from {len(args.replica)} of {volume.n} replicas; an old copy of a replica "
+              "cannot be told from the current one when no newer replica is given: check that "
+              "the date above is the node's last activity", file=sys.stderr)
     return 0
 
 
@@ -505,6 +524,9 @@ def lnmirror_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="write the last acknowledged state as plain files")
     _replica_args(restore)
     restore.add_argument("target")
+    restore.add_argument("--unproven", action="store_true",
+                         help="restore even when the replicas given cannot prove their state is "
+                              "the latest (too few of them, or some behind)")
     restore.set_defaults(func=cmd_restore)
 
     scrub_p = sub.add_parser("scrub", help="verify every share and heal (exit 0 clean, 1 repaired, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import codec
 
@@ -48,7 +48,7 @@ class Header:
     block_size: int
     key_check: bytes
     version: int = FORMAT_VERSION
-    mac: bytes = b""
+    mac: bytes = field(default=b"", compare=False)  # as read; pack() computes it anew
 
     def _body(self) -> bytes:
         return _HEADER.pack(MAGIC, self.version, self.volume_id, self.k, self.n,

@@ -276,9 +276,10 @@ class Replica:
 
     # ---- metadata ----
 
-    def load(self, keys: codec.Keys) -> Loaded:
-        """Rebuild this replica's tree from its snapshot and log.  The log ends at the first
-        record that is torn, forged or impossible; valid records after it mean damage."""
+    def load(self, keys: codec.Keys, upto: int | None = None) -> Loaded:
+        """Rebuild this replica's tree from its snapshot and log (up to record `upto`).  The
+        log ends at the first record that is torn, forged or impossible; valid records after
+        it mean damage."""
         vol = self.header.volume_id
         try:
             with open(os.path.join(self.meta_path, format.SNAPSHOT_NAME), "rb") as f:
@@ -296,6 +297,8 @@ class Replica:
         pos = 0
         while (frame := format.frame_at(raw, pos)) is not None:
             head = frame.head
+            if upto is not None and head.seq > upto:
+                break
             if head.seq <= tree.seq and self._authentic(keys, frame):
                 pos = loaded.log_end = frame.end  # already in the snapshot (crash before log reset)
                 continue
@@ -312,7 +315,8 @@ class Replica:
             self._note(loaded, head)
             pos = loaded.log_end = frame.end
             loaded.log_records += 1
-        self._look_behind(keys, raw, pos, loaded)
+        if upto is None:
+            self._look_behind(keys, raw, pos, loaded)
         loaded.redo = {key: raw for key, raw in loaded.redo.items() if _still_current(tree, key, raw)}
         return loaded
 
@@ -344,6 +348,30 @@ class Replica:
                 if not loaded.damage:
                     loaded.damage = (f"log damaged after record {end_seq} (record "
                                      f"{frame.head.seq} further on is intact)")
+
+    def _inline_slots(self, keys: codec.Keys, head: format.RecordHead, ops: list[dict],
+                      inline: bytes) -> dict[tuple[int, int, int], bytes]:
+        """The slots a record carries, each checked: a torn record fails here as a whole."""
+        if not inline:
+            return {}
+        h = self.header
+        size = format.slot_size(h.block_size, h.k)
+        out, pos = {}, 0
+        for op in ops:
+            if op["op"] != "write":
+                continue
+            for packed in op["blocks"]:
+                raw = inline[pos:pos + size]
+                pos += size
+                gen, checksum, share = format.unpack_slot(raw)
+                if gen != head.seq or checksum != codec.share_checksum(
+                        keys, h.volume_id, op["ino"], packed >> 1, head.seq, head.term,
+                        h.share_index, share):
+                    raise codec.CodecError(f"record {head.seq}: torn or damaged inline slot")
+                out[(op["ino"], packed >> 1, packed & 1)] = raw
+        if pos != len(inline):
+            raise codec.CodecError(f"record {head.seq}: inline slots do not match its ops")
+        return out
 
     def apply_redo(self, redo: dict[tuple[int, int, int], bytes]) -> None:
         """Copy slots that only the log holds durably into the data files, and sync them."""

@@ -68,6 +68,34 @@ class Report:
         return d
 
 
+def _repair_headers(volume: Volume, report: Report, dry_run: bool) -> None:
+    """A replica whose header is damaged gets it back (its share is the one no other replica
+    holds); it is then healed like any lagging replica, every share verified."""
+    for r in volume.replicas:
+        if r.header is not None or not r.header_damage or not os.path.isdir(r.path):
+            continue
+        try:
+            index = replacement_index(volume, r.path)
+        except VolumeError as exc:
+            report.unrepairable.append(f"{r.path}: header not rewritten: {exc}")
+            continue
+        report.metadata_repaired.append(f"{r.path} (header, share {index})")
+        if dry_run:
+            continue
+        r.header = dataclasses.replace(next(o.header for o in volume.replicas if o.header),
+                                       share_index=index)
+        try:
+            r.write_header(volume.keys)
+            r.lock()
+        except (OSError, ReplicaError) as exc:
+            r.header = None
+            report.unrepairable.append(f"{r.path}: header not rewritten: {exc}")
+            continue
+        r.header_damage = ""
+        r.start_worker()
+        r.state, r.reason = STALE, "header rewritten, not yet healed"
+
+
 def _scrub_targets(volume: Volume) -> list[Replica]:
     """Every replica with a readable header and a worker: online, stale and faulted ones."""
     return [r for r in volume.replicas if r.header and r.worker]
@@ -78,6 +106,7 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
     report = Report(dry_run=dry_run)
     started = time.monotonic()
     start_seq = volume.tree.seq
+    _repair_headers(volume, report, dry_run)
     targets = _scrub_targets(volume)
     lagging = [r for r in targets if r.state != ONLINE]
     if lagging and not dry_run:
@@ -230,15 +259,18 @@ async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Touched]]) 
     report = Report()
     async with volume.lock:
         ready = []
+        rewritten: dict[Replica, int] = {}
         for r, (fork, touched) in lagging.items():
             wanted = _blocks_since(volume.tree, fork, touched)
             failed = False
+            before = report.repaired_shares
             for ino, blocks in sorted(wanted.items()):
                 entries = volume.tree.inodes[ino].blocks
                 for first in range(0, len(blocks), CHUNK_BLOCKS):
                     chunk = [(b, entries[b]) for b in blocks[first:first + CHUNK_BLOCKS]]
                     failed |= bool(await _check_blocks(volume, ino, chunk, targets, report,
                                                        False, only={r}))
+            rewritten[r] = report.repaired_shares - before
             if failed:
                 r.state, r.reason = FAULTED, "could not be caught up: " + "; ".join(
                     report.unrepairable[:1] or ["a write failed"])
@@ -249,7 +281,8 @@ async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Touched]]) 
                                       for r in ready], len(ready))
         for r in ready:
             if r in done:
-                log.info("replica %s caught up to record %d", r.path, volume.tree.seq)
+                log.info("replica %s caught up from record %d to %d: %d shares rewritten",
+                         r.path, lagging[r][0], volume.tree.seq, rewritten.get(r, 0))
             elif r.state != FAULTED:
                 r.state, r.reason = FAULTED, "could not be caught up: its snapshot write failed"
         volume.report_changes()

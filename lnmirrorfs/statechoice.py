@@ -55,6 +55,7 @@ class Verdict:
 @dataclass
 class Choice:
     source: View               # the replica whose log is served
+    serve: int                 # the record served: the source's last, unless rolled back
     commit: int                # highest record known acknowledged
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     doubt: str = ""            # why the replicas here cannot prove this is the latest state
@@ -107,17 +108,38 @@ def decide(views: list[View], n: int, k: int) -> Choice:
         raise ChoiceError("no replica has readable metadata: " + _reasons(views))
     source = max(healthy, key=lambda v: freshness(v.loaded.tree))
     served = source.loaded.tree
-    choice = Choice(source, commit=served.seq,
+    commit = _check_commits(readable, source)
+    forks = {v.name: fork_point(v.loaded.tree, served) for v in healthy}
+    vouching = [v for v in healthy
+                if forks[v.name] >= commit and v.index not in served.blame]
+    choice = Choice(source, _serve_point(views, vouching, forks, served, commit, n, k), commit,
                     max_term=max(max(v.loaded.max_term, v.loaded.tree.term) for v in readable))
-    choice.commit = _check_commits(readable, source)
     for v in views:
-        choice.verdicts[v.name] = _verdict(v, source, choice.commit)
-    online = [v for v in healthy if choice.verdicts[v.name].state == ONLINE]
-    if len(online) < k:
-        raise ChoiceError(f"record {served.seq} is held by {len(online)} current replica(s), "
-                          f"k={k} are needed to read it: {_reasons(views, choice)}")
-    choice.doubt = _doubt(views, healthy, choice, n)
+        choice.verdicts[v.name] = _verdict(v, choice, forks.get(v.name, 0))
+    choice.doubt = _doubt(views, vouching, choice, n)
     return choice
+
+
+def _serve_point(views: list[View], vouching: list[View], forks: dict[str, int], served: Tree,
+                 commit: int, n: int, k: int) -> int:
+    """The source's last record, unless fewer than k replicas hold it whole (k > 1 only:
+    the shares of the others are needed to read it).  Such a record is dropped only if it
+    cannot have been acknowledged: the replicas here that lack it, plus every replica that
+    is not here, are fewer than W."""
+    unknown = n - len(vouching)
+    serve = served.seq
+    while serve > commit and sum(forks[v.name] >= serve for v in vouching) < k:
+        holders = sum(forks[v.name] >= serve for v in vouching)
+        if holders + unknown >= served.quorum:
+            raise ChoiceError(f"record {serve} may have been acknowledged but only {holders} "
+                              f"replica(s) here hold it, k={k} are needed to read it: "
+                              + _reasons(views))
+        serve -= 1
+    holders = sum(forks[v.name] >= serve for v in vouching)
+    if holders < k:
+        raise ChoiceError(f"record {serve} was acknowledged but only {holders} replica(s) here "
+                          f"hold it, k={k} are needed to read it: " + _reasons(views))
+    return serve
 
 
 def _check_commits(readable: list[View], source: View) -> int:
@@ -142,23 +164,22 @@ def _check_commits(readable: list[View], source: View) -> int:
     return commit
 
 
-def _verdict(v: View, source: View, commit: int) -> Verdict:
+def _verdict(v: View, choice: Choice, fork: int) -> Verdict:
     if v.loaded is None:
         return Verdict(MISSING if v.missing else FAULTED, v.problem)
     if v.loaded.damage:
         return Verdict(FAULTED, v.loaded.damage)
-    tree, served = v.loaded.tree, source.loaded.tree
-    fork = fork_point(tree, served)
+    tree, served = v.loaded.tree, choice.tree
     blamed = served.blame.get(v.index) if v.index is not None else None
-    if fork == tree.seq == served.seq:
+    if fork >= choice.serve:
         if blamed is not None:
             return Verdict(STALE, f"blamed: {blamed}", fork)
-        return Verdict(ONLINE)
+        return Verdict(ONLINE, "", fork)
     if fork == tree.seq:
-        if tree.seq < commit:
-            why = f"behind: at record {tree.seq}, record {commit} was acknowledged"
+        if tree.seq < choice.commit:
+            why = f"behind: at record {tree.seq}, record {choice.commit} was acknowledged"
         else:
-            why = f"behind: at record {tree.seq} of {served.seq}"
+            why = f"behind: at record {tree.seq} of {choice.serve}"
     else:
         why = (f"diverged after record {fork}: holds records {fork + 1}-{tree.seq} of an "
                "earlier mount that were never acknowledged")
@@ -167,22 +188,18 @@ def _verdict(v: View, source: View, commit: int) -> Verdict:
     return Verdict(STALE, why, fork)
 
 
-def _doubt(views: list[View], healthy: list[View], choice: Choice, n: int) -> str:
+def _doubt(views: list[View], vouching: list[View], choice: Choice, n: int) -> str:
     """Empty if the replicas here prove no newer acknowledged state exists elsewhere.
 
     A replica vouches unless it provably lost acknowledged records (it ends below the
     commit point, or the served state blames it): such a replica may be an old copy,
     and an old copy is no evidence about what the real one held."""
-    served = choice.tree
-    vouching = [v for v in healthy
-                if choice.verdicts[v.name].fork >= choice.commit or v is choice.source
-                if v.index not in served.blame]
-    quorum = min([served.quorum] + [v.loaded.tree.quorum for v in vouching])
+    quorum = min([choice.tree.quorum] + [v.loaded.tree.quorum for v in vouching])
     need = n - quorum + 1
     if len(vouching) >= need:
         return ""
-    return (f"only {len(vouching)} of {n} replicas can vouch for record {served.seq} being the "
-            f"latest (need {need} with write quorum {quorum}): {_reasons(views, choice)}")
+    return (f"only {len(vouching)} of {n} replicas can vouch for record {choice.serve} being "
+            f"the latest (need {need} with write quorum {quorum}): {_reasons(views, choice)}")
 
 
 def _reasons(views: list[View], choice: Choice | None = None) -> str:

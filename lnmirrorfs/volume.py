@@ -139,6 +139,20 @@ def _unheader(r: Replica, why: str) -> None:
     r.state, r.reason = FAULTED, why
 
 
+def _roll_back(r: Replica, view: statechoice.View, choice: statechoice.Choice,
+               keys: codec.Keys) -> statechoice.View:
+    """A current replica whose log goes past the record served is reloaded up to it (its
+    log is cut there when it is opened for writing)."""
+    if choice.verdicts[view.name].state != ONLINE or view.loaded.tree.seq <= choice.serve:
+        return view
+    log.warning("replica %s: dropping records %d-%d: held by fewer than k=%d replicas, so "
+                "never acknowledged", r.path, choice.serve + 1, view.loaded.tree.seq, r.header.k)
+    reloaded = statechoice.View(view.name, view.index, loaded=r.load(keys, upto=choice.serve))
+    if view is choice.source:
+        choice.source = reloaded
+    return reloaded
+
+
 def _view(r: Replica, keys: codec.Keys) -> statechoice.View:
     """Lock and load one replica for the state choice."""
     if r.header is None:
@@ -206,6 +220,7 @@ class Volume:
             raise VolumeError(str(exc)) from None
         if writable and choice.doubt:
             raise VolumeError(f"cannot prove the latest state: {choice.doubt}")
+        views = [_roll_back(r, view, choice, keys) for r, view in zip(replicas, views, strict=True)]
         for r, view in zip(replicas, views, strict=True):
             verdict = choice.verdicts[view.name]
             if r.header is not None:
@@ -903,6 +918,9 @@ class Volume:
         state = "SUSPENDED" if self.suspended else ("ONLINE" if healthy else "DEGRADED")
         return {"volume": self.volume_id.hex(), "state": state, "reason": self.suspended,
                 "k": self.k, "n": self.n, "quorum": self.quorum, "record": self.tree.seq,
+                "written_ms": self.tree.time_ms, "committed": self.committed,
+                "term": statechoice.term_number(self.term or self.tree.term),
+                "doubt": self.choice.doubt if self.choice else "",
                 "blamed": {str(i): why for i, why in self.tree.blame.items()},
                 "bad_shares": len(self.bad_shares), "stats": dict(self.stats),
                 "last_scrub": self.tree.last_scrub,

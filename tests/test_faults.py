@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -69,7 +70,7 @@ def test_read_only_replica_mounts_degraded(make_vol, tmp_path, mounts_to_undo):
     assert m.unmount() == 0
 
 
-def test_vanished_replica_faults_and_stays_stale(make_vol, tmp_path):
+def test_vanished_replica_faults_then_is_caught_up_at_the_next_mount(make_vol, tmp_path):
     v = make_vol(n=3, k=1)
     m = v.mount()
     workload.run(str(m.path), 10)
@@ -79,16 +80,28 @@ def test_vanished_replica_faults_and_stays_stale(make_vol, tmp_path):
     assert replica_states(m)[str(v.replicas[2])] == "FAULTED"
     assert m.unmount() == 0
     os.rename(gone, v.replicas[2])
-    # Back in place it holds an older state: it must be marked STALE, never served.
-    m = v.mount()
-    assert replica_states(m)[str(v.replicas[2])] == "STALE"
-    assert workload.check_db(str(m.path)) == 20
-    assert m.unmount() == 0
+    # Back in place it holds an older state: STALE, named as behind, never served.
+    offline = v.status("--json", *v.replica_args())
+    assert offline.returncode != 0
+    c = json.loads(offline.stdout)["replicas"][2]
+    assert c["state"] == "STALE" and re.match(r"behind: at record \d+, record \d+ was "
+                                              r"acknowledged", c["reason"]), c
     # Alone, or with too few others, it cannot prove it is current: refused.
     refused = v.restore(v.root / "out", replicas=[v.replicas[2]], check=False)
-    assert refused.returncode != 0 and "need 2" in refused.stderr
-    v.restore(v.root / "out2", replicas=[v.replicas[0], v.replicas[2]])
+    assert refused.returncode != 0 and "need 2" in refused.stderr, refused.stderr
+    # Nor can it vouch with one other: it may be an old copy, so the other stands alone.
+    doubt = v.restore(v.root / "out2", replicas=[v.replicas[0], v.replicas[2]], check=False)
+    assert doubt.returncode != 0 and "behind" in doubt.stderr and "--unproven" in doubt.stderr
+    lnmirror("restore", *v.replica_args([v.replicas[0], v.replicas[2]]), "--unproven",
+             str(v.root / "out2"))
     assert workload.check_db(str(v.root / "out2")) == 20
+    # A mount catches it up with the records it missed and serves everything.
+    m = v.mount()
+    assert replica_states(m)[str(v.replicas[2])] == "ONLINE"
+    assert workload.check_db(str(m.path)) == 20
+    assert m.unmount() == 0
+    v.restore(v.root / "out3", replicas=[v.replicas[1], v.replicas[2]])
+    assert workload.check_db(str(v.root / "out3")) == 20
 
 
 def test_lost_quorum_gives_eio_and_mount_survives(make_vol, tmp_path, mounts_to_undo):

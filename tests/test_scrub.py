@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -103,43 +104,59 @@ def test_more_than_n_minus_k_damaged_shares_is_unrepairable(make_vol):
             assert data == before[key]
 
 
-def test_stale_replica_is_never_read_and_healed_exactly(make_vol, tmp_path):
+def test_stale_replica_is_caught_up_at_mount_with_exactly_what_it_missed(make_vol, tmp_path):
     v = make_vol(n=3, k=1)
     m = v.mount()
     (m.path / "before").write_bytes(b"b" * 9000)
+    (m.path / "kept").write_bytes(b"k" * 40960)  # 10 blocks
     assert m.unmount() == 0
     away = v.replicas[2].with_name("away")
     os.rename(v.replicas[2], away)
     m = v.mount()
-    (m.path / "after").write_bytes(b"a" * 9000)
+    (m.path / "after").write_bytes(b"a" * 9000)  # 3 blocks
+    with open(m.path / "kept", "r+b") as f:  # 1 block
+        f.seek(8192)
+        f.write(b"K" * 4096)
     (m.path / "before").unlink()  # a deletion it must learn about
     assert m.unmount() == 0
     os.rename(away, v.replicas[2])
-    # Sabotage the stale replica's content: if it were read, reads would fail or differ.
-    for f in (v.replicas[2] / "data").iterdir():
-        flip_bytes(f, 200, random.Random(1))
     m = v.mount()
-    status = json.loads(m.status("--json").stdout)
-    assert [r["state"] for r in status["replicas"]] == ["ONLINE", "ONLINE", "STALE"]
-    assert m.status().returncode != 0
-    assert (m.path / "after").read_bytes() == b"a" * 9000
-    assert sorted(os.listdir(m.path)) == ["after"]
-    proc = lnmirror("scrub", str(m.path), "--json", check=False)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout)["healed_replicas"] == [str(v.replicas[2])]
+    # Back in place it is behind; the mount gives it exactly the 4 blocks born since.
+    assert re.search(r"caught up from record \d+ to \d+: 4 shares rewritten", m.output()), m.output()
     status = json.loads(m.status("--json").stdout)
     assert [r["state"] for r in status["replicas"]] == ["ONLINE"] * 3
-    assert status["last_scrub"]["result"] == "repaired"
-    shown = m.status()
-    assert shown.returncode == 0 and "last scrub:" in shown.stdout and "repaired" in shown.stdout
+    assert (m.path / "after").read_bytes() == b"a" * 9000
+    assert sorted(os.listdir(m.path)) == ["after", "kept"]
+    proc = lnmirror("scrub", str(m.path), "--json", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # "before"'s data file was left over
+    report = json.loads(proc.stdout)
+    assert report["bad_shares"] == 0 and report["extra_files"] == 1, report
     assert m.unmount() == 0
     outs = []
-    for r in v.replicas:  # after the heal every replica, with one other to prove it current
+    for r in v.replicas:  # every replica, with one other to prove it current
         out = tmp_path / f"out-{r.name}"
         v.restore(out, replicas=[r, v.replicas[0] if r != v.replicas[0] else v.replicas[1]])
         outs.append(tree_bytes(out))
-    assert outs[0] == outs[1] == outs[2] == {"after": b"a" * 9000}
+    kept = b"k" * 8192 + b"K" * 4096 + b"k" * (40960 - 12288)
+    assert outs[0] == outs[1] == outs[2] == {"after": b"a" * 9000, "kept": kept}
     assert not (v.replicas[2] / "data" / format.data_name(2)).exists()  # "before" is gone
+
+
+def test_stale_replica_with_damaged_data_is_never_read_wrong_and_scrub_heals_it(make_vol):
+    """Catch-up trusts what a lagging replica already held; damage to that is scrub's job,
+    and until scrub runs a bad share is detected and read from another replica."""
+    v = make_vol(n=2, k=1)
+    m = v.mount()
+    (m.path / "old").write_bytes(b"o" * 40960)
+    assert m.unmount() == 0
+    for f in (v.replicas[1] / "data").iterdir():
+        flip_bytes(f, 50, random.Random(2))
+    m = v.mount()
+    assert (m.path / "old").read_bytes() == b"o" * 40960
+    proc = lnmirror("scrub", str(m.path), "--json", check=False)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["bad_shares"] > 0, proc.stdout
+    assert lnmirror("scrub", str(m.path), check=False).returncode == 0
+    assert m.unmount() == 0
 
 
 def test_scrub_during_sqlite_workload_loses_nothing(make_vol):
