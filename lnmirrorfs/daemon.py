@@ -41,17 +41,29 @@ async def _on_signals() -> None:
             return
 
 
-def _control_handler(volume: Volume):
+def _control_handler(volume: Volume) -> control.Handler:
+    heal_lock = trio.Lock()  # one scrub or replace at a time; later ones wait their turn
+
     async def handle(request: dict) -> dict:
         command = request.get("cmd")
         if command == "status":
             return volume.status()
         if command == "scrub":
-            report = await scrub.scrub(volume, bool(request.get("dry_run")), request.get("rate"))
-            return report.as_dict()
+            dry_run, rate = request.get("dry_run", False), request.get("rate")
+            if not isinstance(dry_run, bool) and dry_run is not None:
+                return {"error": f"dry_run must be true or false, not {dry_run!r}"}
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
+                                     or not rate > 0):
+                return {"error": f"rate must be a positive number of MB/s, not {rate!r}"}
+            async with heal_lock:
+                return (await scrub.scrub(volume, bool(dry_run), rate)).as_dict()
         if command == "replace":
-            scrub.attach_replacement(volume, request["old"], request["new"])
-            return (await scrub.scrub(volume)).as_dict()
+            old, new = request.get("old"), request.get("new")
+            if not (isinstance(old, str) and isinstance(new, str)):
+                return {"error": "replace needs the old and new replica directories"}
+            async with heal_lock:
+                scrub.attach_replacement(volume, old, new)
+                return (await scrub.scrub(volume)).as_dict()
         return {"error": f"unknown command {command!r}"}
     return handle
 
