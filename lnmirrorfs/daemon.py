@@ -12,7 +12,7 @@ import threading
 import pyfuse3
 import trio
 
-from . import control, scrub
+from . import control, logsetup, scrub
 from .fuse_ops import Operations, mount_options
 from .volume import Volume
 
@@ -47,7 +47,7 @@ def _control_handler(volume: Volume) -> control.Handler:
     async def handle(request: dict) -> dict:
         command = request.get("cmd")
         if command == "status":
-            return volume.status()
+            return volume.status() | logsetup.target()
         if command == "scrub":
             dry_run, rate = request.get("dry_run", False), request.get("rate")
             if not isinstance(dry_run, bool) and dry_run is not None:
@@ -68,7 +68,7 @@ def _control_handler(volume: Volume) -> control.Handler:
     return handle
 
 
-async def _main(volume: Volume, control_path: str) -> None:
+async def _main(volume: Volume, control_path: str, mountpoint: str) -> None:
     await volume.free_orphans()
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, control_path, _control_handler(volume))
@@ -77,6 +77,8 @@ async def _main(volume: Volume, control_path: str) -> None:
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     if volume.suspended:
+        log.error("unmounted %s with the write quorum lost (%s): changes not acknowledged "
+                  "were not kept", mountpoint, volume.suspended)
         return
     try:
         await volume.sync()
@@ -86,13 +88,19 @@ async def _main(volume: Volume, control_path: str) -> None:
     except OSError as exc:  # e.g. faulted replicas left fewer than W: say so, no traceback
         log.error("unmount: buffered changes could not be made durable: %s", exc)
         raise SystemExit(1) from None
+    log.info("unmounted %s cleanly at record %d", mountpoint, volume.tree.seq)
 
 
 def event_hook(command: str | None, mountpoint: str):
     """An `on_event` for the volume: log the event and run the operator's command for it
     (in its own thread, so a slow alert script never holds up the mount)."""
     def on_event(event: str, replica: str, reason: str) -> None:
-        log.warning("event %s: %s %s", event, replica, reason)
+        if event == "faulted":
+            log.warning("replica %s FAULTED: %s", replica, reason)
+        elif event == "healed":
+            log.warning("replica %s healed: back ONLINE", replica)
+        else:
+            log.error("%s: %s", event, reason or replica)
         if not command:
             return
         env = dict(os.environ, LNMIRROR_EVENT=event, LNMIRROR_REPLICA=replica,
@@ -119,9 +127,12 @@ def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_pat
     pyfuse3.init(Operations(volume), mountpoint, mount_options(extra_options))
     clean = False
     try:
+        log.info("mounted %s: volume %s, replicas %s, log %s", mountpoint,
+                 volume.volume_id.hex(), " ".join(r.path for r in volume.replicas),
+                 logsetup.target()["log"])
         if ready:
             ready()
-        trio.run(_main, volume, control_path)
+        trio.run(_main, volume, control_path, mountpoint)
         clean = True
     finally:
         # After a clean run this also unmounts when we were stopped by a signal; after a
