@@ -680,9 +680,16 @@ def _daemonize(serve) -> int:
         return 1
     os.close(read_end)
     os.setsid()
+    parent = os.getppid()
 
-    def ready() -> None:
-        os.write(write_end, b"ok")
+    def ready() -> None:  # raising here makes daemon.serve undo the mount
+        try:
+            if os.getppid() != parent:
+                raise BrokenPipeError
+            os.write(write_end, b"ok")
+        except BrokenPipeError:
+            raise CliError(f"mount_lnmirror (pid {parent}) died before the mount was ready", 1) \
+                from None
         os.close(write_end)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

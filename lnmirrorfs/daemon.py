@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import pyfuse3
 import trio
@@ -122,7 +123,9 @@ def _run_hook(command: str, env: dict) -> None:
 
 def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_path: str,
           ready=None, hook: str | None = None) -> None:
-    """Mount and serve until unmounted; `ready()` is called once the mount is up."""
+    """Mount and serve until unmounted; `ready()` is called once the mount is up.  If it
+    raises, the mount is undone and the exception propagates.  LNMIRROR_TEST_READY_DELAY
+    (seconds, for tests) delays ready() with the mount already made."""
     volume.on_event = event_hook(hook, mountpoint)
     pyfuse3.init(Operations(volume), mountpoint, mount_options(extra_options))
     clean = False
@@ -131,7 +134,17 @@ def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_pat
                  volume.volume_id.hex(), " ".join(r.path for r in volume.replicas),
                  logsetup.target()["log"])
         if ready:
-            ready()
+            # Tests only: hold the mount up but not yet "ready", to kill the parent meanwhile.
+            time.sleep(float(os.environ.get("LNMIRROR_TEST_READY_DELAY") or 0))
+            try:
+                ready()
+            except BaseException as exc:
+                # Nobody could be told the mount is up (the mount_lnmirror that started us
+                # died): take it down again rather than leave it behind, dead or alive.
+                # Nothing was served yet, so unmounting cannot wait on the kernel.
+                log.error("unmounting %s: %s", mountpoint, exc)
+                clean = True
+                raise
         trio.run(_main, volume, control_path, mountpoint)
         clean = True
     finally:

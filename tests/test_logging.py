@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def daemon_pid(log_text: str, mountpoint: Path) -> int:
     match = re.search(rf"\[(\d+)\]: mounted {re.escape(str(mountpoint))}:", log_text)
     assert match, log_text
     return int(match.group(1))
+
+
+def in_proc_mounts(path: Path) -> bool:
+    """Without touching the path: a stat of a mount not yet serving blocks until it serves."""
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
 
 
 def write_sync(path: Path, data: bytes) -> None:
@@ -156,3 +163,43 @@ def test_unwritable_log_file_is_one_line_error(volume, daemonized, tmp_path):
     assert proc.stderr.startswith("mount_lnmirror: cannot open log file ")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not is_mounted(d.path)
+
+
+def test_parent_killed_before_ready_leaves_no_mount(volume, monkeypatch, tmp_path):
+    """mount(8) or a shell killed while the daemon starts: the daemon must not leave a dead
+    mount behind (nor a live one that nobody was told about)."""
+    monkeypatch.setenv("LNMIRROR_SYSLOG_SOCKET", str(tmp_path / "no-syslog-here"))
+    monkeypatch.setenv("LNMIRROR_TEST_READY_DELAY", "2")
+    mnt = Path(os.path.realpath(volume.root)) / "early"
+    mnt.mkdir()
+    log_file = Path(logsetup.default_log_file(str(mnt)))
+    parent = subprocess.Popen(MOUNT + [str(mnt)] + volume.replica_args(), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = None
+    try:
+        wait_for(lambda: in_proc_mounts(mnt) and log_file.exists() and "mounted" in
+                 log_file.read_text(), what="the daemon's mount")
+        pid = daemon_pid(log_file.read_text(), mnt)
+        # Someone looks at the mount meanwhile: blocked until it serves, it must be freed.
+        looker = threading.Thread(target=lambda: os.path.exists(mnt / "x"), daemon=True)
+        looker.start()
+        assert parent.poll() is None, "the parent returned before the daemon was ready"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="daemon exit")
+        looker.join(10)
+        assert not looker.is_alive(), "a process is still stuck in the undone mount"
+        assert not in_proc_mounts(mnt), "a mount was left behind"
+        assert "unmounting" in log_file.read_text()
+        assert os.listdir(mnt) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        force_unmount(mnt)
+        if pid and os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    # The volume is intact: it mounts again and works.
+    m = volume.mount()
+    write_sync(m.path / "x", b"ok")
+    assert m.unmount() == 0
