@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import os
 import shutil
 import stat
@@ -19,7 +18,7 @@ import tomllib
 
 import trio
 
-from . import codec, control, format, scrub
+from . import codec, control, format, logsetup, scrub
 from .replica import Replica, ReplicaError
 from .restore import RestoreError, check_node_stopped, import_tree, restore_tree
 from .tree import Tree
@@ -200,7 +199,8 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 # Keys a config file may set, and the argument each one fills when the command line did not.
 _CONFIG_KEYS = {"replicas": "replica", "key_file": "key_file", "quorum": "quorum",
-                "deadline": "deadline", "on_degraded": "on_degraded", "mountpoint": "mountpoint"}
+                "deadline": "deadline", "on_degraded": "on_degraded", "mountpoint": "mountpoint",
+                "log_file": "log_file"}
 
 
 def apply_config(args: argparse.Namespace) -> None:
@@ -346,6 +346,7 @@ def format_status(s: dict) -> str:
              f"   bad shares seen: {s['bad_shares']}",
              *([f"  NOT PROVEN LATEST: {s['doubt']}"] if s.get("doubt") else []),
              f"  last scrub: {_scrub_line(s.get('last_scrub') or {})}",
+             *([f"  log: {s['log']}"] if s.get("log") else []),
              "",
              f"  {'SHARE':<6}{'STATE':<9}{'FREE':>9}  {'READ':>5}{'WRITE':>6}{'CKSUM':>6}  PATH"]
     for r in s["replicas"]:
@@ -595,6 +596,8 @@ def mount_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-degraded", metavar="CMD",
                    help="shell command run when a replica faults or heals, or the quorum is lost "
                         "(env LNMIRROR_EVENT, LNMIRROR_REPLICA, LNMIRROR_REASON)")
+    p.add_argument("--log-file", metavar="PATH", help="log here (default when daemonized: syslog, "
+                   "or /var/log/lnmirror/NAME.log without /dev/log)")
     return p
 
 
@@ -620,6 +623,8 @@ def parse_mount_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
             args.deadline = _number(float, name, value)
         elif name == "config":
             args.config = value
+        elif name == "log_file":
+            args.log_file = value
         elif name == "ro":
             raise CliError("read-only mounts are not supported; use lnmirror restore")
         else:
@@ -653,11 +658,11 @@ def _mount(argv: list[str] | None) -> int:
 
     args, fuse_options = parse_mount_args(argv)
     mountpoint = os.path.abspath(args.mountpoint)
+    _setup_logging(args.foreground, mountpoint, args.log_file)  # before fork: errors on stderr
     if args.foreground:
-        _setup_logging(foreground=True)
         volume = _open_for_mount(args)
         daemon.serve(volume, mountpoint, fuse_options, control.socket_path(mountpoint),
-                     ready=lambda: log.info("mounted %s", mountpoint), hook=args.on_degraded)
+                     hook=args.on_degraded)
         return 0
     return _daemonize(lambda ready: daemon.serve(
         _open_for_mount(args), mountpoint, fuse_options, control.socket_path(mountpoint), ready,
@@ -697,10 +702,16 @@ def _daemonize(serve) -> int:
         return 1
     os.close(read_end)
     os.setsid()
-    _setup_logging(foreground=False)
+    parent = os.getppid()
 
-    def ready() -> None:
-        os.write(write_end, b"ok")
+    def ready() -> None:  # raising here makes daemon.serve undo the mount
+        try:
+            if os.getppid() != parent:
+                raise BrokenPipeError
+            os.write(write_end, b"ok")
+        except BrokenPipeError:
+            raise CliError(f"mount_lnmirror (pid {parent}) died before the mount was ready", 1) \
+                from None
         os.close(write_end)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -727,13 +738,9 @@ def _tell_parent(fd: int, message: str) -> None:
         pass  # already told 'ok' and closed: the error is in the log
 
 
-def _setup_logging(foreground: bool) -> None:
-    logger = logging.getLogger("lnmirrorfs")
-    logger.setLevel(logging.INFO)
-    if foreground or not os.path.exists("/dev/log"):
-        handler: logging.Handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    else:
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.setFormatter(logging.Formatter("lnmirrorfs[%(process)d]: %(message)s"))
-    logger.handlers[:] = [handler]
+def _setup_logging(foreground: bool, mountpoint: str | None = None,
+                   log_file: str | None = None) -> None:
+    try:
+        logsetup.setup(foreground, mountpoint, log_file)
+    except logsetup.LogSetupError as exc:
+        raise CliError(str(exc), 1) from None

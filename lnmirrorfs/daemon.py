@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import pyfuse3
 import trio
 
-from . import control, scrub
+from . import control, logsetup, scrub
 from .fuse_ops import Operations, mount_options
 from .volume import Volume
 
@@ -41,22 +42,34 @@ async def _on_signals() -> None:
             return
 
 
-def _control_handler(volume: Volume):
+def _control_handler(volume: Volume) -> control.Handler:
+    heal_lock = trio.Lock()  # one scrub or replace at a time; later ones wait their turn
+
     async def handle(request: dict) -> dict:
         command = request.get("cmd")
         if command == "status":
-            return volume.status()
+            return volume.status() | logsetup.target()
         if command == "scrub":
-            report = await scrub.scrub(volume, bool(request.get("dry_run")), request.get("rate"))
-            return report.as_dict()
+            dry_run, rate = request.get("dry_run", False), request.get("rate")
+            if not isinstance(dry_run, bool) and dry_run is not None:
+                return {"error": f"dry_run must be true or false, not {dry_run!r}"}
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
+                                     or not rate > 0):
+                return {"error": f"rate must be a positive number of MB/s, not {rate!r}"}
+            async with heal_lock:
+                return (await scrub.scrub(volume, bool(dry_run), rate)).as_dict()
         if command == "replace":
-            scrub.attach_replacement(volume, request["old"], request["new"])
-            return (await scrub.scrub(volume)).as_dict()
+            old, new = request.get("old"), request.get("new")
+            if not (isinstance(old, str) and isinstance(new, str)):
+                return {"error": "replace needs the old and new replica directories"}
+            async with heal_lock:
+                scrub.attach_replacement(volume, old, new)
+                return (await scrub.scrub(volume)).as_dict()
         return {"error": f"unknown command {command!r}"}
     return handle
 
 
-async def _main(volume: Volume, control_path: str) -> None:
+async def _main(volume: Volume, control_path: str, mountpoint: str) -> None:
     await volume.free_orphans()
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, control_path, _control_handler(volume))
@@ -65,6 +78,8 @@ async def _main(volume: Volume, control_path: str) -> None:
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     if volume.suspended:
+        log.error("unmounted %s with the write quorum lost (%s): changes not acknowledged "
+                  "were not kept", mountpoint, volume.suspended)
         return
     try:
         await volume.sync()
@@ -74,13 +89,19 @@ async def _main(volume: Volume, control_path: str) -> None:
     except OSError as exc:  # e.g. faulted replicas left fewer than W: say so, no traceback
         log.error("unmount: buffered changes could not be made durable: %s", exc)
         raise SystemExit(1) from None
+    log.info("unmounted %s cleanly at record %d", mountpoint, volume.tree.seq)
 
 
 def event_hook(command: str | None, mountpoint: str):
     """An `on_event` for the volume: log the event and run the operator's command for it
     (in its own thread, so a slow alert script never holds up the mount)."""
     def on_event(event: str, replica: str, reason: str) -> None:
-        log.warning("event %s: %s %s", event, replica, reason)
+        if event == "faulted":
+            log.warning("replica %s FAULTED: %s", replica, reason)
+        elif event == "healed":
+            log.warning("replica %s healed: back ONLINE", replica)
+        else:
+            log.error("%s: %s", event, reason or replica)
         if not command:
             return
         env = dict(os.environ, LNMIRROR_EVENT=event, LNMIRROR_REPLICA=replica,
@@ -102,14 +123,29 @@ def _run_hook(command: str, env: dict) -> None:
 
 def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_path: str,
           ready=None, hook: str | None = None) -> None:
-    """Mount and serve until unmounted; `ready()` is called once the mount is up."""
+    """Mount and serve until unmounted; `ready()` is called once the mount is up.  If it
+    raises, the mount is undone and the exception propagates.  LNMIRROR_TEST_READY_DELAY
+    (seconds, for tests) delays ready() with the mount already made."""
     volume.on_event = event_hook(hook, mountpoint)
     pyfuse3.init(Operations(volume), mountpoint, mount_options(extra_options))
     clean = False
     try:
+        log.info("mounted %s: volume %s, replicas %s, log %s", mountpoint,
+                 volume.volume_id.hex(), " ".join(r.path for r in volume.replicas),
+                 logsetup.target()["log"])
         if ready:
-            ready()
-        trio.run(_main, volume, control_path)
+            # Tests only: hold the mount up but not yet "ready", to kill the parent meanwhile.
+            time.sleep(float(os.environ.get("LNMIRROR_TEST_READY_DELAY") or 0))
+            try:
+                ready()
+            except BaseException as exc:
+                # Nobody could be told the mount is up (the mount_lnmirror that started us
+                # died): take it down again rather than leave it behind, dead or alive.
+                # Nothing was served yet, so unmounting cannot wait on the kernel.
+                log.error("unmounting %s: %s", mountpoint, exc)
+                clean = True
+                raise
+        trio.run(_main, volume, control_path, mountpoint)
         clean = True
     finally:
         # After a clean run this also unmounts when we were stopped by a signal; after a

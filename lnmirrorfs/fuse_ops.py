@@ -168,6 +168,8 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise fail(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_WHITEOUT (overlayfs), or anything newer
+            raise fail(errno.EINVAL, f"rename flags {flags:#x} are not supported")
         await self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new,
                                  noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
 

@@ -37,9 +37,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path, monkeypatch):
-    """Keys and control sockets of a test stay inside its tmp dir."""
+    """Keys, control sockets and log files of a test stay inside its tmp dir."""
     monkeypatch.setenv("LNMIRROR_KEYDIR", str(tmp_path / "keys"))
     monkeypatch.setenv("LNMIRROR_RUNDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("LNMIRROR_LOGDIR", str(tmp_path / "logs"))  # daemonized mounts' logs
 
 
 def lnmirror(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
