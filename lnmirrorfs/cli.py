@@ -256,7 +256,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         raise CliError("give a MOUNTPOINT or --replica directories")
     healthy = status.get("state") == "ONLINE" and not status.get("doubt") and all(
-        r["state"] == "ONLINE" for r in status.get("replicas", []))
+        r["state"] == "ONLINE" and not r.get("header_damage") for r in status.get("replicas", []))
     if args.json:
         print(json.dumps(status, indent=2))
     elif args.prometheus:
@@ -354,7 +354,9 @@ def format_status(s: dict) -> str:
         e = r["errors"]
         share = "-" if r["index"] is None else str(r["index"])
         lines.append(f"  {share:<6}{r['state']:<9}{free:>9}  {e['read']:>5}{e['write']:>6}"
-                     f"{e['checksum']:>6}  {r['path']}" + (f"  ({r['reason']})" if r["reason"] else ""))
+                     f"{e['checksum']:>6}  {r['path']}" + (f"  ({r['reason']})" if r["reason"] else "")
+                     + (f"  (header: {r['header_damage']}, run lnmirror scrub)"
+                        if r.get("header_damage") else ""))
     for index, why in s.get("blamed", {}).items():
         lines.append(f"  share {index} is blamed by the others: {why} (heal with lnmirror scrub)")
     return "\n".join(lines)

@@ -66,9 +66,16 @@ class Header:
     def unpack(cls, raw: bytes) -> Header:
         """Parse without the key: framing, version and the unkeyed checksum only."""
         if len(raw) < len(MAGIC) or raw[:len(MAGIC)] != MAGIC:
+            if len(raw) == HEADER_SIZE:  # a header file of the right size: damaged, not foreign
+                raise HeaderDamaged("replica header is corrupt (bad magic)")
             raise FormatError("not an lnmirrorfs replica (no LNMIRROR header)")
         if len(raw) < 10:
             raise HeaderDamaged("replica header is truncated")
+        size, check_end = _HEADER.size, _HEADER.size + codec.CHECKSUM_BYTES
+        body, check, mac = raw[:size], raw[size:check_end], raw[check_end:]
+        whole = len(raw) == HEADER_SIZE and _checksum(body) == check
+        if len(raw) == HEADER_SIZE and not whole:  # a flipped version bit is damage, too
+            raise HeaderDamaged("replica header is corrupt (checksum mismatch)")
         version = struct.unpack_from("<H", raw, len(MAGIC))[0]
         if version > FORMAT_VERSION:
             raise FormatError(f"replica has format version {version}, this lnmirrorfs reads "
@@ -77,12 +84,8 @@ class Header:
             raise FormatError(f"replica has format version {version}, this lnmirrorfs reads "
                               f"only version {FORMAT_VERSION}: restore it with the lnmirrorfs "
                               "release that wrote it, then init a new volume")
-        if len(raw) != HEADER_SIZE:
+        if not whole:
             raise HeaderDamaged("replica header is truncated or has trailing bytes")
-        size, check_end = _HEADER.size, _HEADER.size + codec.CHECKSUM_BYTES
-        body, check, mac = raw[:size], raw[size:check_end], raw[check_end:]
-        if _checksum(body) != check:
-            raise HeaderDamaged("replica header is corrupt (checksum mismatch)")
         _, version, volume_id, k, n, index, block_size, key_check = _HEADER.unpack(body)
         if not 1 <= k <= n or block_size <= 0:
             raise HeaderDamaged(f"replica header has impossible values k={k} n={n}")

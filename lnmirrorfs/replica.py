@@ -563,6 +563,7 @@ class Replica:
             free = None
         return {"path": self.path, "index": self.index if self.header else None,
                 "state": self.state, "reason": self.reason, "free_bytes": free,
+                "header_damage": self.header_damage,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
 

@@ -68,34 +68,6 @@ class Report:
         return d
 
 
-def _repair_headers(volume: Volume, report: Report, dry_run: bool) -> None:
-    """A replica whose header is damaged gets it back (its share is the one no other replica
-    holds); it is then healed like any lagging replica, every share verified."""
-    for r in volume.replicas:
-        if r.header is not None or not r.header_damage or not os.path.isdir(r.path):
-            continue
-        try:
-            index = replacement_index(volume, r.path)
-        except VolumeError as exc:
-            report.unrepairable.append(f"{r.path}: header not rewritten: {exc}")
-            continue
-        report.metadata_repaired.append(f"{r.path} (header, share {index})")
-        if dry_run:
-            continue
-        r.header = dataclasses.replace(next(o.header for o in volume.replicas if o.header),
-                                       share_index=index)
-        try:
-            r.write_header(volume.keys)
-            r.lock()
-        except (OSError, ReplicaError) as exc:
-            r.header = None
-            report.unrepairable.append(f"{r.path}: header not rewritten: {exc}")
-            continue
-        r.header_damage = ""
-        r.start_worker()
-        r.state, r.reason = STALE, "header rewritten, not yet healed"
-
-
 def _scrub_targets(volume: Volume) -> list[Replica]:
     """Every replica with a readable header and a worker: online, stale and faulted ones."""
     return [r for r in volume.replicas if r.header and r.worker]
@@ -106,7 +78,6 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
     report = Report(dry_run=dry_run)
     started = time.monotonic()
     start_seq = volume.tree.seq
-    _repair_headers(volume, report, dry_run)
     targets = _scrub_targets(volume)
     lagging = [r for r in targets if r.state != ONLINE]
     if lagging and not dry_run:

@@ -124,9 +124,11 @@ def _serve_point(views: list[View], vouching: list[View], forks: dict[str, int],
                  commit: int, n: int, k: int) -> int:
     """The source's last record, unless fewer than k replicas hold it whole (k > 1 only:
     the shares of the others are needed to read it).  Such a record is dropped only if it
-    cannot have been acknowledged: the replicas here that lack it, plus every replica that
-    is not here, are fewer than W."""
-    unknown = n - len(vouching)
+    cannot have been acknowledged: the replicas that may hold it (those here that do, plus
+    every one whose content is unknown) are fewer than W."""
+    # Replicas that may hold a record nobody here shows: neither vouching nor blamed (the
+    # writer sends nothing to a replica it blamed, so that one is known not to hold it).
+    unknown = n - len(vouching) - len(set(served.blame) - {v.index for v in vouching})
     serve = served.seq
     while serve > commit and sum(forks[v.name] >= serve for v in vouching) < k:
         holders = sum(forks[v.name] >= serve for v in vouching)

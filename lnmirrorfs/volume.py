@@ -12,6 +12,7 @@ them, appended the record and synced the log.  Writes between syncs stay in memo
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -105,6 +106,7 @@ def open_replicas(paths: list[str], master: bytes) -> tuple[list[Replica], codec
             raise VolumeError(f"{headed[0].path}: wrong key for volume {first.volume_hex}")
         raise VolumeError(f"{headed[0].path}: replica header does not authenticate with this key")
     _check_headers(replicas, reference, keys)
+    _infer_header(replicas, reference)
     if len(replicas) > reference.header.n:
         raise VolumeError(f"{len(replicas)} replicas given but the volume has n={reference.header.n}")
     return replicas, keys
@@ -134,9 +136,34 @@ def _check_headers(replicas: list[Replica], reference: Replica, keys: codec.Keys
         seen[h.share_index] = r.path
 
 
+def _infer_header(replicas: list[Replica], reference: Replica) -> None:
+    """A damaged header holds nothing the others do not, but its share index: with one
+    replica damaged and one index unclaimed, that is its index.  The replica is then
+    used if its log authenticates (which proves it is ours); a writable open rewrites it."""
+    damaged = [r for r in replicas if r.header is None and r.header_damage]
+    unclaimed = set(range(reference.header.n)) - {r.index for r in replicas if r.header}
+    if len(damaged) == 1 and len(unclaimed) == 1:
+        r = damaged[0]
+        r.header = dataclasses.replace(reference.header, share_index=unclaimed.pop())
+        r.state, r.reason = ONLINE, ""
+
+
 def _unheader(r: Replica, why: str) -> None:
     r.header, r.header_damage = None, why
     r.state, r.reason = FAULTED, why
+
+
+def _rewrite_damaged_headers(replicas: list[Replica], views: list[statechoice.View],
+                             keys: codec.Keys) -> None:
+    for r, view in zip(replicas, views, strict=True):
+        if r.header_damage and view.loaded is not None:
+            try:
+                r.write_header(keys)
+            except OSError as exc:
+                r.mark(FAULTED, f"damaged header cannot be rewritten: {exc.strerror}")
+                continue
+            log.warning("replica %s: header rewritten (share %d)", r.path, r.index)
+            r.header_damage = ""
 
 
 def _roll_back(r: Replica, view: statechoice.View, choice: statechoice.Choice,
@@ -159,7 +186,11 @@ def _view(r: Replica, keys: codec.Keys) -> statechoice.View:
         return statechoice.View(r.path, None, problem=r.reason, missing=r.state == MISSING)
     try:
         r.lock()
-        return statechoice.View(r.path, r.index, loaded=r.load(keys))
+        view = statechoice.View(r.path, r.index, loaded=r.load(keys))
+        if r.header_damage:
+            log.warning("replica %s: %s; its log authenticates: share %d", r.path,
+                        r.header_damage, r.index)
+        return view
     except ReplicaInUse as exc:
         raise VolumeError(str(exc)) from None
     except ReplicaError as exc:
@@ -212,6 +243,16 @@ class Volume:
         lag (exactly the blocks they lack) and start a new term."""
         options = options or Options()
         replicas, keys = open_replicas(paths, master)
+        try:
+            return cls._open(replicas, keys, options, writable)
+        except BaseException:
+            for r in replicas:  # a refused open leaves no lock and no thread behind
+                r.close(options.deadline)
+            raise
+
+    @classmethod
+    def _open(cls, replicas: list[Replica], keys: codec.Keys, options: Options,
+              writable: bool) -> Volume:
         header = next(r.header for r in replicas if r.header)
         views = [_view(r, keys) for r in replicas]
         try:
@@ -225,6 +266,8 @@ class Volume:
             verdict = choice.verdicts[view.name]
             if r.header is not None:
                 r.state, r.reason = verdict.state, verdict.reason
+        if writable:
+            _rewrite_damaged_headers(replicas, views, keys)
         volume = cls(replicas, keys, choice.tree, options)
         volume.choice, volume.writable = choice, writable
         volume.committed = choice.commit
@@ -439,16 +482,18 @@ class Volume:
         raise fail(errno.EIO, self.suspended)
 
     def _blame_ops(self) -> list[dict]:
-        """Blame replicas that stopped getting records; absolve healed ones."""
+        """Blame every share no online replica holds (faulted, stale, or missing: it gets
+        no records from now on); absolve healed ones."""
         ops = []
-        for r in self.replicas:
-            if r.header is None:
-                continue
-            blamed = r.index in self.tree.blame
-            if r.state in (FAULTED, STALE) and not blamed:
-                ops.append({"op": "blame", "replica": r.index, "reason": r.reason})
-            elif r.state == ONLINE and blamed:
-                ops.append({"op": "absolve", "replica": r.index})
+        online = {r.index for r in self.replicas if r.header is not None and r.state == ONLINE}
+        known = {r.index: r.reason for r in self.replicas if r.header is not None}
+        for index in range(self.n):
+            blamed = index in self.tree.blame
+            if index not in online and not blamed:
+                ops.append({"op": "blame", "replica": index,
+                            "reason": known.get(index) or "missing at mount"})
+            elif index in online and blamed:
+                ops.append({"op": "absolve", "replica": index})
         return ops
 
     def _encode_dirty(self, ino: int, seq: int, slots: list[list]) -> dict:

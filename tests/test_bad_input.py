@@ -3,6 +3,7 @@ stderr (no traceback), a non-zero exit, and leaves every replica byte-for-byte u
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -50,7 +51,10 @@ def world(tmp_path):
     newer = bad / "newer"
     shutil.copytree(v.replicas[1], newer)
     header = bytearray((newer / format.HEADER_NAME).read_bytes())
-    struct.pack_into("<H", header, 8, format.FORMAT_VERSION + 1)
+    struct.pack_into("<H", header, 8, format.FORMAT_VERSION + 1)  # as a newer release writes it
+    body_end = format.HEADER_SIZE - 2 * codec.CHECKSUM_BYTES
+    header[body_end:body_end + codec.CHECKSUM_BYTES] = hashlib.blake2b(
+        bytes(header[:body_end]), digest_size=codec.CHECKSUM_BYTES).digest()
     (newer / format.HEADER_NAME).chmod(0o600)
     (newer / format.HEADER_NAME).write_bytes(bytes(header))
     corrupt = bad / "corrupt"

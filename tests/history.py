@@ -1,0 +1,594 @@
+"""Randomized histories against the real Volume code, Jepsen style, in-process and seeded.
+
+One history is a random sequence of what happens to a node's replicas: acknowledged and
+failed changes, kills at any point of a commit (each replica got the record, part of it,
+or nothing), replicas vanishing and coming back, a replica replaced by an older copy of
+itself, bit flips in logs, snapshots, headers and data, power cuts of a replica's
+filesystem (writes since its last sync dropped or torn, files created since undone),
+quorum changes between mounts, scrubs and replaces.  Every step runs the real replica
+store, state choice, catch-up and scrub on real directories (on tmpfs, for speed).
+
+The oracle keeps the set of states the volume may legitimately serve: after an
+acknowledged change exactly one; a change that failed adds the state with it (it may
+have reached some replicas).  After every open it checks:
+  - the state served is one of them, whenever the replicas present include n - W + 1
+    that hold every acknowledged record (`holders`: not an old copy, not damaged, not
+    lagging); with fewer, nothing can be proven and a writable open must refuse;
+  - once a writable open acknowledged its first change, the state it served is the only
+    one left (what an EIO'd change left behind is served only if it stays served);
+  - a refusal has a message naming a replica or the reason, and happens only when the
+    replicas present cannot prove the latest state or cannot give W writable ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from lnmirrorfs import codec, format, scrub
+from lnmirrorfs.replica import ONLINE, Replica
+from lnmirrorfs.tree import Tree
+from lnmirrorfs.volume import Options, Volume, VolumeError, default_quorum
+
+NAMES = [b"f0", b"f1", b"f2", b"f3"]
+BLOCK = 512
+
+
+class Violation(AssertionError):
+    pass
+
+
+class DataLost(Exception):
+    """More shares of a block were damaged or missing than k-of-n tolerates: EIO is the
+    right answer and the rest of the history has nothing left to check."""
+
+
+State = tuple  # (sorted ((name, content), ...), W)
+
+
+def freeze(files: dict[bytes, bytes], quorum: int) -> State:
+    return tuple(sorted(files.items())), quorum
+
+
+@dataclass
+class Stats:
+    histories: int = 0
+    steps: int = 0
+    opens: int = 0
+    refused: int = 0
+    unproven: int = 0
+    acked: int = 0
+    failed: int = 0
+    kills: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Stats) -> None:
+        for name in ("histories", "steps", "opens", "refused", "unproven", "acked", "failed",
+                     "kills"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, value in other.faults.items():
+            self.faults[key] = self.faults.get(key, 0) + value
+
+
+class History:
+    def __init__(self, seed: int, root: Path) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.root = root
+        self.n = self.rng.choice([2, 2, 3, 3])
+        self.k = self.rng.choice([1, 1, 2]) if self.n == 3 else 1
+        self.w = default_quorum(self.k, self.n)    # W of the state the open volume holds
+        self.master = codec.new_master_key()
+        self.paths = [root / f"r{i}" for i in range(self.n)]
+        self.away: dict[int, Path] = {}            # vanished replicas: where they are now
+        self.copies: dict[int, Path] = {}          # old copies kept to be swapped in
+        self.holder = [True] * self.n              # holds every acknowledged record
+        self.data_damage: dict[int, int] = {}      # replica -> data slots flipped (scrub clears)
+        self.states: set[State] = {freeze({}, self.w)}  # what may be served
+        self.volume: Volume | None = None
+        self.writable = False
+        self.started = False                        # this open acknowledged a change
+        self.files: dict[bytes, bytes] = {}         # what the open volume holds
+        self.open_seq = 0                           # last record before this open
+        self.new_files: dict[int, set[str]] = {}    # data files created during this open
+        self.trace: list[str] = []
+        self.stats = Stats(histories=1)
+        self._create()
+
+    # ---- setup ----
+
+    def _create(self) -> None:
+        keys = codec.Keys.derive(self.master)
+        volume_id = os.urandom(16)
+        tree = Tree.new(BLOCK, 0, 0, 0, self.w)
+        for index, path in enumerate(self.paths):
+            path.mkdir()
+            header = format.Header(volume_id, self.k, self.n, index, BLOCK,
+                                   codec.key_check(keys, volume_id))
+            Replica.create(str(path), header, keys, tree).close()
+
+    def note(self, what: str) -> None:
+        self.trace.append(what)
+        self.stats.steps += 1
+
+    def fault(self, kind: str) -> None:
+        self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
+
+    def fail(self, why: str) -> None:
+        raise Violation(f"seed {self.seed} (n={self.n} k={self.k}): {why}\n  steps: "
+                        + "; ".join(self.trace[-40:]))
+
+    # ---- the run ----
+
+    def run(self, steps: int) -> Stats:
+        try:
+            for _ in range(steps):
+                self.step()
+            self.close_volume(clean=self.rng.random() < 0.5)
+            self.return_all()
+            self.final_check()
+        except Violation:
+            raise
+        except DataLost:
+            self.fault("data lost beyond n-k")
+        except Exception as exc:  # any other failure of the code under test, with its history
+            self.fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.volume is not None:
+                self.volume.close()
+        return self.stats
+
+    def step(self) -> None:
+        r = self.rng.random()
+        if self.volume is None:
+            if r < 0.45:
+                self.open(writable=True)
+            elif r < 0.55:
+                self.open(writable=False)
+                self.close_volume(clean=False)
+            elif r < 0.65:
+                self.vanish_or_return()
+            elif r < 0.72:
+                self.take_or_swap_copy()
+            elif r < 0.80:
+                self.bit_flip()
+            elif r < 0.90:
+                self.offline_scrub()
+            else:
+                self.replace()
+            return
+        if not self.writable:
+            self.close_volume(clean=False)
+        elif r < 0.65:
+            self.change()
+        elif r < 0.75:
+            self.close_volume(clean=False)   # kill -9: memory gone, replicas as they are
+            self.maybe_power_cut()
+        elif r < 0.85:
+            self.close_volume(clean=True)
+        else:
+            self.vanish_or_return()
+
+    # ---- opening ----
+
+    def provable(self) -> bool:
+        """Are n - W + 1 replicas that hold every acknowledged record present?"""
+        present = [i for i in range(self.n) if i not in self.away and self.holder[i]]
+        return len(present) >= self.n - min(w for _, w in self.states) + 1
+
+    def open(self, writable: bool) -> None:
+        quorum = None
+        if writable and self.rng.random() < 0.15:
+            quorum = self.rng.randint(self.k, self.n)
+        self.note(f"open {'rw' if writable else 'ro'}" + (f" W={quorum}" if quorum else ""))
+        self.stats.opens += 1
+        provable = self.provable()
+        try:
+            volume = Volume.open([str(p) for p in self.paths], self.master,
+                                 Options(quorum=quorum, deadline=5.0), writable=writable)
+        except VolumeError as exc:
+            self.stats.refused += 1
+            self.refused(str(exc), writable, provable)
+            return
+        self.volume, self.writable, self.started = volume, writable, False
+        self.wanted_quorum = quorum
+        self.open_seq = volume.tree.seq
+        self.new_files = {i: self._data_files(i) for i in range(self.n)}
+        try:
+            served = freeze(trio.run(self.read_all), volume.tree.quorum)
+        except OSError as exc:
+            if not self.data_damage:
+                self.fail(f"read of the served state failed: {exc}")
+            self.close_volume(clean=False)
+            return
+        self.files, self.w = dict(served[0]), served[1]
+        if writable:
+            try:
+                volume.check_quorum()
+            except VolumeError as exc:
+                self.refused(str(exc), writable, provable)
+                self.close_volume(clean=False)
+                return
+        if volume.choice.doubt:
+            self.stats.unproven += 1
+            if provable:
+                self.fail(f"doubt although n - W + 1 holders are here: "
+                          f"{volume.choice.doubt}")
+        elif provable and served not in self.states:
+            self.fail(f"served {served} but only {sorted(self.states)} may be served")
+
+    def refused(self, message: str, writable: bool, provable: bool) -> None:
+        self.note(f"refused: {message[:120]}")
+        if not message.strip():
+            self.fail("refusal without a message")
+        if not provable:
+            return
+        if "cannot prove" in message or "vouch" in message:
+            self.fail(f"refused as unprovable although the holders are here: {message}")
+        # With the holders here, only too few writable replicas or damage may refuse.
+        allowed = ("writable", "STALE", "FAULTED", "MISSING", "damaged", "acknowledged")
+        if not writable and not self.data_damage and "acknowledged" not in message:
+            self.fail(f"read-only open refused although provable: {message}")
+        if not any(word in message for word in allowed):
+            self.fail(f"refusal names no cause: {message}")
+
+    async def read_all(self) -> dict[bytes, bytes]:
+        volume = self.volume
+        out = {}
+        for path, node in volume.tree.walk():
+            if stat.S_ISREG(node.mode):
+                out[path] = await volume.read(node.ino, 0, volume.size_of(node))
+        return out
+
+    def close_volume(self, clean: bool) -> None:
+        volume = self.volume
+        if volume is None:
+            return
+        self.note("unmount" if clean and self.writable else "kill")
+        if clean and self.writable and not volume.suspended:
+            try:
+                trio.run(self._clean_close)
+            except OSError:
+                pass
+            if volume.term_started:  # the unmount committed (blame, orphans) and snapshotted
+                self.states = {freeze(self.files, volume.tree.quorum)}
+                self.holders_from(volume)
+        else:
+            self.stats.kills += 1
+        volume.close()
+        self.volume = None
+
+    async def _clean_close(self) -> None:
+        volume = self.volume
+        await volume.sync()
+        async with volume.lock:
+            await volume.snapshot()
+
+    # ---- changes ----
+
+    def change(self) -> None:
+        volume = self.volume
+        names = sorted(self.files)
+        choices = ["create"] if len(names) < len(NAMES) else []
+        if names:
+            choices += ["write", "write", "write", "unlink", "rename"]
+        op = self.rng.choice(choices)
+        new = dict(self.files)
+        if op == "create":
+            name = self.rng.choice([n for n in NAMES if n not in self.files])
+            new[name] = b""
+            args = (name,)
+        elif op == "write":
+            name = self.rng.choice(names)
+            offset = self.rng.randrange(0, 3 * BLOCK)
+            data = bytes([self.rng.randrange(256)]) * self.rng.randrange(1, 3 * BLOCK)
+            old = bytearray(new[name])
+            if len(old) < offset:
+                old.extend(bytes(offset - len(old)))
+            old[offset:offset + len(data)] = data
+            new[name] = bytes(old)
+            args = (name, offset, data)
+        elif op == "unlink":
+            name = self.rng.choice(names)
+            del new[name]
+            args = (name,)
+        else:
+            name, target = self.rng.choice(names), self.rng.choice(NAMES)
+            if name == target:
+                return
+            new[target] = new.pop(name)
+            args = (name, target)
+        fates = self.fates()
+        self.note(f"{op} {args[0].decode()}" + (f" fates={fates}" if fates else ""))
+        was_suspended = bool(volume.suspended)
+        self.inject(fates)
+        try:
+            trio.run(self._apply, op, args)
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EROFS):
+                self.fail(f"{op} failed with {exc!r}")
+            self.stats.failed += 1
+            if not was_suspended:
+                self.states.add(freeze(new, self.new_quorum()))
+            self.uninject()
+            if any(f == "torn" for f in fates.values()) or self.rng.random() < 0.5:
+                self.close_volume(clean=False)
+                self.maybe_power_cut()
+            return
+        self.uninject()
+        self.stats.acked += 1
+        self.files = new
+        self.w = self.new_quorum()
+        self.states = {freeze(new, self.w)}
+        self.started = True
+        self.holders_from(volume, fates)
+        if any(fates.values()) and self.rng.random() < 0.5:
+            self.close_volume(clean=False)   # killed right after the acknowledgement
+            self.maybe_power_cut()
+
+    def new_quorum(self) -> int:
+        """The first change of an open also logs the W it was asked for."""
+        return self.wanted_quorum if not self.started and self.wanted_quorum else self.w
+
+    async def _apply(self, op: str, args: tuple) -> None:
+        volume = self.volume
+        if op == "create":
+            await volume.mknod(1, args[0], stat.S_IFREG | 0o644, 0, 0)
+        elif op == "write":
+            node = volume.lookup(1, args[0])
+            await volume.write(node.ino, args[1], args[2])
+            await volume.sync(node.ino)
+        elif op == "unlink":
+            await volume.unlink(1, args[0], want_dir=False)
+        else:
+            await volume.rename(1, args[0], 1, args[1])
+
+    def fates(self) -> dict[int, str]:
+        """Per replica, what a crash inside this commit leaves (most commits: nothing)."""
+        if self.rng.random() > 0.25:
+            return {}
+        return {i: self.rng.choice(["none", "torn", "slots"]) for i in range(self.n)
+                if self.rng.random() < 0.5}
+
+    def inject(self, fates: dict[int, str]) -> None:
+        """Cut the replica's part of the commit where its fate says, as a crash would:
+        nothing written, the data slots but not the record, or a torn record."""
+        for r in self.volume.replicas:
+            fate = fates.get(r.index) if r.header else None
+            if fate:
+                r.commit = _cut_commit(r, fate, self.rng.random())
+
+    def uninject(self) -> None:
+        if self.volume is None:
+            return
+        for r in self.volume.replicas:
+            r.__dict__.pop("commit", None)
+
+    def holders_from(self, volume: Volume, fates: dict[int, str] | None = None) -> None:
+        """After an acknowledged record: the replicas that got it hold everything."""
+        online = {r.index for r in volume.replicas if r.header is not None and r.state == ONLINE}
+        self.holder = [i in online and not (fates or {}).get(i) for i in range(self.n)]
+
+    # ---- faults between opens ----
+
+    def vanish_or_return(self) -> None:
+        if self.away and (self.rng.random() < 0.6 or len(self.away) == self.n):
+            index = self.rng.choice(sorted(self.away))
+            os.rename(self.away.pop(index), self.paths[index])
+            self.note(f"return r{index}")
+            return
+        index = self.rng.randrange(self.n)
+        if index in self.away:
+            return
+        away = self.root / f"away{index}"
+        os.rename(self.paths[index], away)
+        self.away[index] = away
+        self.note(f"vanish r{index}")
+        self.fault("vanish")
+
+    def return_all(self) -> None:
+        for index in sorted(self.away):
+            os.rename(self.away.pop(index), self.paths[index])
+
+    def take_or_swap_copy(self) -> None:
+        index = self.rng.randrange(self.n)
+        if index in self.away:
+            return
+        if index in self.copies and self.rng.random() < 0.5:
+            shutil.rmtree(self.paths[index])
+            os.rename(self.copies.pop(index), self.paths[index])
+            self.holder[index] = False
+            self.note(f"old copy of r{index} swapped in")
+            self.fault("old copy")
+        else:
+            if index in self.copies:
+                shutil.rmtree(self.copies.pop(index))
+            self.copies[index] = self.root / f"copy{index}"
+            shutil.copytree(self.paths[index], self.copies[index])
+            self.note(f"copy r{index}")
+
+    def bit_flip(self) -> None:
+        index = self.rng.randrange(self.n)
+        if index in self.away:
+            return
+        path = self.paths[index]
+        where = self.rng.choice(["log", "snapshot", "header", "data"])
+        if where == "data":
+            files = sorted((path / "data").iterdir()) if (path / "data").is_dir() else []
+            if not files or self.n - self.k < 1 or any(i != index for i in self.data_damage):
+                return  # keep at most n - k replicas with damaged data (else EIO is fair)
+            target = self.rng.choice(files)
+        else:
+            target = {"log": path / "meta" / "log", "snapshot": path / "meta" / "snapshot",
+                      "header": path / format.HEADER_NAME}[where]
+        raw = bytearray(target.read_bytes()) if target.exists() else bytearray()
+        end = len(raw.rstrip(b"\0"))
+        if end == 0:
+            return
+        raw[self.rng.randrange(end)] ^= 1 << self.rng.randrange(8)
+        mode = target.stat().st_mode
+        target.chmod(0o600)
+        target.write_bytes(bytes(raw))
+        target.chmod(stat.S_IMODE(mode))
+        if where == "data":
+            self.data_damage[index] = self.data_damage.get(index, 0) + 1
+        else:
+            self.holder[index] = False
+        self.note(f"flip {where} of r{index}")
+        self.fault(f"flip {where}")
+
+    def maybe_power_cut(self) -> None:
+        """A power cut of one replica's filesystem right after the kill: slots written
+        since its last sync are dropped or torn, data files created since are gone.  Log
+        records were synced before they counted, so they survive (a torn in-flight one
+        is the commit's fate)."""
+        if self.rng.random() > 0.3:
+            return
+        index = self.rng.randrange(self.n)
+        if index in self.away:
+            return
+        path = self.paths[index]
+        data = path / "data"
+        if not data.is_dir():
+            return
+        created = self._data_files(index) - self.new_files.get(index, set())
+        for name in sorted(created):
+            if self.rng.random() < 0.5:
+                (data / name).unlink(missing_ok=True)
+        size = format.slot_size(BLOCK, self.k)
+        for name in sorted(self._data_files(index)):
+            f = data / name
+            raw = bytearray(f.read_bytes())
+            for slot in range(len(raw) // size):
+                if self.rng.random() < 0.2 and self._unsynced(index, name, slot):
+                    cut = self.rng.randrange(size)
+                    raw[slot * size + cut:(slot + 1) * size] = bytes(size - cut)
+            f.write_bytes(bytes(raw))
+        self.note(f"power cut r{index}")
+        self.fault("power cut")
+
+    def _unsynced(self, index: int, name: str, slot: int) -> bool:
+        """Was this slot written by a record of the open just killed (inline, not synced)?"""
+        raw = (self.paths[index] / "data" / name).read_bytes()
+        size = format.slot_size(BLOCK, self.k)
+        gen = format.unpack_slot(raw[slot * size:(slot + 1) * size])[0]
+        return gen > self.open_seq
+
+    def _data_files(self, index: int) -> set[str]:
+        data = self.paths[index] / "data"
+        return set(os.listdir(data)) if data.is_dir() else set()
+
+    # ---- operator actions ----
+
+    def offline_scrub(self) -> None:
+        self.note("scrub")
+        provable = self.provable()
+        try:
+            volume = Volume.open([str(p) for p in self.paths], self.master, Options(deadline=5.0))
+        except VolumeError as exc:
+            self.refused(str(exc), True, provable)
+            return
+        self.volume, self.writable, self.started = volume, True, False
+        self.wanted_quorum = None
+        self.open_seq = volume.tree.seq
+        served = (freeze(trio.run(self.read_all), volume.tree.quorum)
+                  if not self.data_damage else None)
+        if served is not None and provable and not volume.choice.doubt and served not in self.states:
+            self.fail(f"scrub served {served} but only {sorted(self.states)} may be served")
+        report = trio.run(scrub.scrub, volume)
+        if not report.unrepairable:
+            self.data_damage.clear()
+        if volume.term_started:  # the scrub's result was recorded: its state is the one
+            self.states = {freeze(self.read_or_lost(), volume.tree.quorum)}
+            self.holders_from(volume)
+        volume.close()
+        self.volume = None
+
+    def read_or_lost(self) -> dict[bytes, bytes]:
+        try:
+            return trio.run(self.read_all)
+        except OSError as exc:
+            if not self.data_damage:
+                self.fail(f"read failed without damaged data: {exc}")
+            raise DataLost(str(exc)) from None
+
+    def replace(self) -> None:
+        """A replica that is gone for good is replaced by an empty directory."""
+        if not self.away:
+            return
+        index = self.rng.choice(sorted(self.away))
+        self.note(f"replace r{index}")
+        provable = self.provable()
+        others = [str(p) for i, p in enumerate(self.paths) if i not in self.away]
+        try:
+            volume = Volume.open(others, self.master, Options(deadline=5.0))
+        except VolumeError as exc:
+            self.refused(str(exc), True, provable)
+            return
+        try:
+            scrub.replacement_index(volume, str(self.paths[index]))  # two gone: refused
+            shutil.rmtree(self.away.pop(index))
+            self.paths[index].mkdir()
+            self.holder[index] = False
+            scrub.attach_replacement(volume, str(self.paths[index]), str(self.paths[index]))
+            self.volume, self.writable = volume, True
+            trio.run(scrub.scrub, volume)
+            if volume.term_started:
+                self.states = {freeze(self.read_or_lost(), volume.tree.quorum)}
+                self.holders_from(volume)
+        except VolumeError as exc:  # two gone: which share is which cannot be told
+            self.note(f"replace refused: {exc}")
+        finally:
+            volume.close()
+            self.volume = None
+
+    def final_check(self) -> None:
+        """With every replica back and a scrub, the volume must be whole and current."""
+        self.offline_scrub()
+        if not self.provable():
+            return
+        volume = Volume.open([str(p) for p in self.paths], self.master, Options(deadline=5.0),
+                             writable=False)
+        try:
+            self.volume = volume
+            served = freeze(self.read_or_lost(), volume.tree.quorum)
+            if served not in self.states:
+                self.fail(f"final state {served} not in {sorted(self.states)}")
+        finally:
+            volume.close()
+            self.volume = None
+
+
+def _cut_commit(r: Replica, fate: str, where: float):
+    """A replica's commit job that stops as a crash at that point would."""
+    real = type(r).commit
+
+    def commit(slots, record, inline):
+        if fate == "slots":
+            r.write_slots(slots, sync=not inline)
+        elif fate == "torn":
+            r.write_slots(slots, sync=not inline)
+            r._append(record[:int(len(record) * where)])
+        raise OSError(errno.EIO, f"crash injected ({fate})")
+
+    del real
+    return commit
+
+
+def run_histories(seeds: range, root: Path, steps: int) -> Stats:
+    total = Stats(histories=0)
+    for seed in seeds:
+        where = root / f"h{seed}"
+        where.mkdir()
+        try:
+            total.add(History(seed, where).run(steps))
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+    return total

@@ -1,0 +1,46 @@
+"""Randomized history test of state choice, catch-up and heal (see tests/history.py).
+
+    LNMIRROR_HISTORIES=N        histories to run (CI default below; the soak runs more)
+    LNMIRROR_HISTORY_SEED=S     first seed (histories S .. S+N-1); replay one with N=1
+    LNMIRROR_HISTORY_STEPS=K    steps per history
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from history import run_histories
+
+from conftest import slow_enabled
+
+DEFAULT_HISTORIES = 1000
+
+
+def _run(count: int, steps: int) -> None:
+    first = int(os.environ.get("LNMIRROR_HISTORY_SEED", time.time_ns() % 1_000_000_000))
+    count = int(os.environ.get("LNMIRROR_HISTORIES", count))
+    steps = int(os.environ.get("LNMIRROR_HISTORY_STEPS", steps))
+    print(f"\nhistories: seeds {first}..{first + count - 1}, {steps} steps each "
+          f"(replay: LNMIRROR_HISTORY_SEED={first} LNMIRROR_HISTORIES={count})")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as root:
+        stats = run_histories(range(first, first + count), Path(root), steps)
+    print(f"{stats.histories} histories, {stats.steps} steps, {stats.opens} opens "
+          f"({stats.refused} refused, {stats.unproven} unproven), {stats.acked} acknowledged "
+          f"and {stats.failed} failed changes, {stats.kills} kills, faults {stats.faults}, "
+          f"in {time.monotonic() - started:.0f}s")
+    assert stats.acked > count  # the histories did something
+
+
+def test_random_histories():
+    _run(DEFAULT_HISTORIES, 30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not slow_enabled(), reason="soak")
+def test_random_histories_soak():
+    _run(20000, 60)
