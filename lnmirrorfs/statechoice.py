@@ -111,7 +111,7 @@ def decide(views: list[View], n: int, k: int) -> Choice:
     commit = _check_commits(readable, source)
     forks = {v.name: fork_point(v.loaded.tree, served) for v in healthy}
     vouching = [v for v in healthy
-                if forks[v.name] >= commit and v.index not in served.blame]
+                if forks[v.name] >= commit and not _blamed_by(served, v.index, commit)]
     choice = Choice(source, _serve_point(views, vouching, forks, served, commit, n, k), commit,
                     max_term=max(max(v.loaded.max_term, v.loaded.tree.term) for v in readable))
     for v in views:
@@ -128,10 +128,11 @@ def _serve_point(views: list[View], vouching: list[View], forks: dict[str, int],
     every one whose content is unknown) are fewer than W."""
     # Replicas that may hold a record nobody here shows: neither vouching nor blamed (the
     # writer sends nothing to a replica it blamed, so that one is known not to hold it).
-    unknown = n - len(vouching) - len(set(served.blame) - {v.index for v in vouching})
     serve = served.seq
     while serve > commit and sum(forks[v.name] >= serve for v in vouching) < k:
         holders = sum(forks[v.name] >= serve for v in vouching)
+        unknown = n - len(vouching) - len({i for i in served.blame if _blamed_by(served, i, serve)}
+                                          - {v.index for v in vouching})
         if holders + unknown >= served.quorum:
             raise ChoiceError(f"record {serve} may have been acknowledged but only {holders} "
                               f"replica(s) here hold it, k={k} are needed to read it: "
@@ -164,6 +165,12 @@ def _check_commits(readable: list[View], source: View) -> int:
                 "for you: restore each alone, keep the right one, replace the others")
         commit = max(commit, point)
     return commit
+
+
+def _blamed_by(tree: Tree, index: int | None, upto: int) -> bool:
+    """Blamed by a record at or below `upto` (a blame in a record that may never have
+    been acknowledged says only that the replica lacks that record)."""
+    return index in tree.blame and tree.blamed_at.get(index, 0) <= upto
 
 
 def _verdict(v: View, choice: Choice, fork: int) -> Verdict:

@@ -143,6 +143,7 @@ class Tree:
         self.next_ino = ROOT_INO + 1
         self.inodes: dict[int, Inode] = {}
         self.blame: dict[int, str] = {}
+        self.blamed_at: dict[int, int] = {}   # the record that blamed each share
         self.error_counts: dict[int, dict[str, int]] = {}  # per share index, across mounts
         self.last_scrub: dict = {}
 
@@ -273,9 +274,11 @@ class Tree:
 
     def _op_blame(self, seq: int, op: dict) -> None:
         self.blame[op["replica"]] = op["reason"]
+        self.blamed_at[op["replica"]] = seq
 
     def _op_absolve(self, seq: int, op: dict) -> None:
         self.blame.pop(op["replica"], None)
+        self.blamed_at.pop(op["replica"], None)
 
     def _op_errors(self, seq: int, op: dict) -> None:
         self.error_counts[op["replica"]] = op["counts"]
@@ -308,6 +311,7 @@ class Tree:
                "terms": self.terms, "quorum": self.quorum,
                "next_ino": self.next_ino, "block_size": self.block_size,
                "blame": {str(k): v for k, v in self.blame.items()},
+               "blamed_at": {str(k): v for k, v in self.blamed_at.items()},
                "errors": {str(k): v for k, v in self.error_counts.items()},
                "last_scrub": self.last_scrub,
                "inodes": [n.to_json() for n in self.inodes.values()]}
@@ -325,6 +329,7 @@ class Tree:
             tree.quorum = doc["quorum"]
             tree.next_ino = doc["next_ino"]
             tree.blame = {int(k): v for k, v in doc["blame"].items()}
+            tree.blamed_at = {int(k): v for k, v in doc["blamed_at"].items()}
             tree.error_counts = {int(k): v for k, v in doc["errors"].items()}
             tree.last_scrub = doc["last_scrub"]
             for d in doc["inodes"]:

@@ -23,10 +23,12 @@ have reached some replicas).  After every open it checks:
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import shutil
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,15 @@ State = tuple  # (sorted ((name, content), ...), W)
 
 def freeze(files: dict[bytes, bytes], quorum: int) -> State:
     return tuple(sorted(files.items())), quorum
+
+
+def show(states) -> str:
+    """States in a message: names, sizes and a digest of each content, and W."""
+    def one(state: State) -> str:
+        files = ", ".join(f"{name.decode()}:{len(data)}:{hashlib.blake2b(data, digest_size=3).hexdigest()}"
+                          for name, data in state[0])
+        return f"{{{files}}} W={state[1]}"
+    return " | ".join(one(s) for s in sorted(states)) if isinstance(states, set) else one(states)
 
 
 @dataclass
@@ -222,7 +233,7 @@ class History:
                 self.fail(f"doubt although n - W + 1 holders are here: "
                           f"{volume.choice.doubt}")
         elif provable and served not in self.states:
-            self.fail(f"served {served} but only {sorted(self.states)} may be served")
+            self.fail(f"served {show(served)} but only {show(self.states)} may be served")
 
     def refused(self, message: str, writable: bool, provable: bool) -> None:
         self.note(f"refused: {message[:120]}")
@@ -255,8 +266,8 @@ class History:
         if clean and self.writable and not volume.suspended:
             try:
                 trio.run(self._clean_close)
-            except OSError:
-                pass
+            except OSError:  # its commit (blame, a W change) may have reached some replicas
+                self.states.add(freeze(self.files, self.new_quorum()))
             if volume.term_started:  # the unmount committed (blame, orphans) and snapshotted
                 self.states = {freeze(self.files, volume.tree.quorum)}
                 self.holders_from(volume)
@@ -359,17 +370,31 @@ class History:
 
     def inject(self, fates: dict[int, str]) -> None:
         """Cut the replica's part of the commit where its fate says, as a crash would:
-        nothing written, the data slots but not the record, or a torn record."""
+        nothing written, the data slots but not the record, or a torn record.  The cut is
+        made inside the real Replica.commit, which faults its replica as on any error."""
         for r in self.volume.replicas:
             fate = fates.get(r.index) if r.header else None
-            if fate:
-                r.commit = _cut_commit(r, fate, self.rng.random())
+            if fate == "none":
+                r.write_slots = _crash
+            elif fate == "slots":
+                r._append = _crash
+            elif fate == "torn":
+                r._append = _torn_append(r, self.rng.random())
 
     def uninject(self) -> None:
         if self.volume is None:
             return
+        self.settle()
         for r in self.volume.replicas:
-            r.__dict__.pop("commit", None)
+            r.__dict__.pop("write_slots", None)
+            r.__dict__.pop("_append", None)
+
+    def settle(self) -> None:
+        """Wait until every replica worker finished what it was given (the commit returned
+        at W answers; the others' outcome must be known before the next step)."""
+        while any(r.worker and r.worker.pending for r in self.volume.replicas):
+            time.sleep(0.0005)
+        self.volume.report_changes()
 
     def holders_from(self, volume: Volume, fates: dict[int, str] | None = None) -> None:
         """After an acknowledged record: the replicas that got it hold everything."""
@@ -501,7 +526,7 @@ class History:
         served = (freeze(trio.run(self.read_all), volume.tree.quorum)
                   if not self.data_damage else None)
         if served is not None and provable and not volume.choice.doubt and served not in self.states:
-            self.fail(f"scrub served {served} but only {sorted(self.states)} may be served")
+            self.fail(f"scrub served {show(served)} but only {show(self.states)} may be served")
         report = trio.run(scrub.scrub, volume)
         if not report.unrepairable:
             self.data_damage.clear()
@@ -554,32 +579,31 @@ class History:
         self.offline_scrub()
         if not self.provable():
             return
-        volume = Volume.open([str(p) for p in self.paths], self.master, Options(deadline=5.0),
-                             writable=False)
+        try:
+            volume = Volume.open([str(p) for p in self.paths], self.master,
+                                 Options(deadline=5.0), writable=False)
+        except VolumeError as exc:
+            self.refused(str(exc), False, True)
+            return
         try:
             self.volume = volume
             served = freeze(self.read_or_lost(), volume.tree.quorum)
             if served not in self.states:
-                self.fail(f"final state {served} not in {sorted(self.states)}")
+                self.fail(f"final state {show(served)} not in {show(self.states)}")
         finally:
             volume.close()
             self.volume = None
 
 
-def _cut_commit(r: Replica, fate: str, where: float):
-    """A replica's commit job that stops as a crash at that point would."""
-    real = type(r).commit
+def _crash(*args, **kwargs) -> None:
+    raise OSError(errno.EIO, "crash injected")
 
-    def commit(slots, record, inline):
-        if fate == "slots":
-            r.write_slots(slots, sync=not inline)
-        elif fate == "torn":
-            r.write_slots(slots, sync=not inline)
-            r._append(record[:int(len(record) * where)])
-        raise OSError(errno.EIO, f"crash injected ({fate})")
 
-    del real
-    return commit
+def _torn_append(r: Replica, where: float):
+    def append(record: bytes) -> None:
+        type(r)._append(r, record[:int(len(record) * where)])
+        raise OSError(errno.EIO, "crash injected (torn record)")
+    return append
 
 
 def run_histories(seeds: range, root: Path, steps: int) -> Stats:
