@@ -1,0 +1,140 @@
+"""`lnmirror status`: health of a live mount or of replica directories, as text, JSON or
+Prometheus textfile metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from .. import control
+from .common import CliError, open_volume, volume_options
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.mountpoint:
+        status = _live_status(args.mountpoint, args.wait)
+    elif args.replica:
+        volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
+        try:
+            status = volume.status()
+        finally:
+            volume.close()
+    else:
+        raise CliError("give a MOUNTPOINT or --replica directories")
+    healthy = status.get("state") == "ONLINE" and all(
+        r["state"] == "ONLINE" for r in status.get("replicas", []))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    elif args.prometheus:
+        print(format_prometheus(status), end="")
+    else:
+        print(format_status(status))
+    if args.wait is not None:
+        return 0 if status["state"] in ("ONLINE", "DEGRADED") else 1
+    return 0 if healthy else 1
+
+
+def _live_status(mountpoint: str, wait: float | None) -> dict:
+    """Ask the mount; with --wait, keep asking until it answers and accepts writes."""
+    deadline = time.monotonic() + (wait or 0)
+    while True:
+        try:
+            status = control.request(control.socket_path(mountpoint), {"cmd": "status"})
+            if wait is None or status.get("state") in ("ONLINE", "DEGRADED"):
+                break
+        except OSError:
+            status = None
+        if time.monotonic() >= deadline:
+            if status is None:
+                raise CliError(f"no lnmirrorfs mount is serving {mountpoint}")
+            break
+        time.sleep(0.2)
+    status["mounted"] = mountpoint
+    return status
+
+
+_STATES = ("ONLINE", "STALE", "FAULTED", "MISSING")
+
+
+def format_prometheus(s: dict) -> str:
+    """node_exporter textfile format: one gauge family per fact, labelled by volume/replica."""
+    vol = f'volume="{s["volume"]}"'
+    healthy = int(s["state"] == "ONLINE" and all(r["state"] == "ONLINE" for r in s["replicas"]))
+    stale = sum(r["state"] != "ONLINE" for r in s["replicas"])
+    scrub = s.get("last_scrub") or {}
+    lines = [
+        "# HELP lnmirror_volume_healthy 1 when the volume and every replica are ONLINE.",
+        "# TYPE lnmirror_volume_healthy gauge",
+        f"lnmirror_volume_healthy{{{vol}}} {healthy}",
+        "# HELP lnmirror_volume_writable 1 unless a write lost its quorum (SUSPENDED).",
+        "# TYPE lnmirror_volume_writable gauge",
+        f"lnmirror_volume_writable{{{vol}}} {int(s['state'] != 'SUSPENDED')}",
+        "# HELP lnmirror_volume_record Sequence number of the newest acknowledged record.",
+        "# TYPE lnmirror_volume_record counter",
+        f"lnmirror_volume_record{{{vol}}} {s['record']}",
+        "# HELP lnmirror_pending_heal Bad shares seen plus replicas not ONLINE, for scrub to fix.",
+        "# TYPE lnmirror_pending_heal gauge",
+        f"lnmirror_pending_heal{{{vol}}} {s['bad_shares'] + stale}",
+        "# HELP lnmirror_replica_state 1 for the state each replica is in.",
+        "# TYPE lnmirror_replica_state gauge",
+    ]
+    for r in s["replicas"]:
+        for state in _STATES:
+            lines.append(f'lnmirror_replica_state{{{vol},replica="{r["path"]}",state="{state}"}} '
+                         f'{int(r["state"] == state)}')
+    lines += ["# HELP lnmirror_replica_errors_total Read, write and checksum errors, across mounts.",
+              "# TYPE lnmirror_replica_errors_total counter"]
+    for r in s["replicas"]:
+        for kind, count in r["errors"].items():
+            lines.append(f'lnmirror_replica_errors_total{{{vol},replica="{r["path"]}",kind="{kind}"}} '
+                         f"{count}")
+    lines += ["# HELP lnmirror_replica_free_bytes Free space on the replica's filesystem.",
+              "# TYPE lnmirror_replica_free_bytes gauge"]
+    lines += [f'lnmirror_replica_free_bytes{{{vol},replica="{r["path"]}"}} {r["free_bytes"]}'
+              for r in s["replicas"] if r["free_bytes"] is not None]
+    if scrub:
+        lines += ["# HELP lnmirror_last_scrub_timestamp_seconds When the last scrub finished.",
+                  "# TYPE lnmirror_last_scrub_timestamp_seconds gauge",
+                  f"lnmirror_last_scrub_timestamp_seconds{{{vol}}} {scrub['time']}",
+                  "# HELP lnmirror_last_scrub_ok 1 if the last scrub found nothing unrepairable.",
+                  "# TYPE lnmirror_last_scrub_ok gauge",
+                  f"lnmirror_last_scrub_ok{{{vol},result=\"{scrub['result']}\"}} "
+                  f"{int(scrub['result'] != 'unrepairable')}"]
+    return "\n".join(lines) + "\n"
+
+
+def format_status(s: dict) -> str:
+    if "error" in s:
+        return f"error: {s['error']}"
+    lines = [f"volume {s['volume']}  k={s['k']} n={s['n']} quorum={s['quorum']}",
+             f"  state: {s['state']}" + (f" ({s['reason']})" if s["reason"] else ""),
+             f"  record: {s['record']}   bad shares seen: {s['bad_shares']}",
+             f"  last scrub: {_scrub_line(s.get('last_scrub') or {})}",
+             "",
+             f"  {'SHARE':<6}{'STATE':<9}{'FREE':>9}  {'READ':>5}{'WRITE':>6}{'CKSUM':>6}  PATH"]
+    for r in s["replicas"]:
+        free = "-" if r["free_bytes"] is None else _human(r["free_bytes"])
+        e = r["errors"]
+        share = "-" if r["index"] is None else str(r["index"])
+        lines.append(f"  {share:<6}{r['state']:<9}{free:>9}  {e['read']:>5}{e['write']:>6}"
+                     f"{e['checksum']:>6}  {r['path']}" + (f"  ({r['reason']})" if r["reason"] else ""))
+    for index, why in s.get("blamed", {}).items():
+        lines.append(f"  share {index} is blamed by the others: {why} (heal with lnmirror scrub)")
+    return "\n".join(lines)
+
+
+def _scrub_line(scrub: dict) -> str:
+    if not scrub:
+        return "never"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(scrub["time"]))
+    return (f"{when}, {scrub['result']} ({scrub['blocks']} blocks, {scrub['bad_shares']} bad "
+            f"shares, {scrub['repaired_shares']} rewritten, {scrub['unrepairable']} unrepairable)")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return str(n)
