@@ -132,19 +132,65 @@ def test_hook_runs_on_real_fault_and_heal_and_prometheus_shows_it(make_vol, tmp_
     assert proc.returncode == 1
     samples = parse_prometheus(proc.stdout)
     vol = next(dict(labels)["volume"] for name, labels in samples if name == "lnmirror_volume_healthy")
-    assert samples[("lnmirror_volume_healthy", frozenset({("volume", vol)}))] == 0
-    state = frozenset({("volume", vol), ("replica", str(v.replicas[2])), ("state", "FAULTED")})
+    volume_labels = frozenset({("volume", vol), ("mountpoint", str(m.path))})
+    assert samples[("lnmirror_volume_mounted", volume_labels)] == 1
+    assert samples[("lnmirror_volume_healthy", volume_labels)] == 0
+    state = volume_labels | {("replica", str(v.replicas[2])), ("state", "FAULTED")}
     assert samples[("lnmirror_replica_state", state)] == 1
-    errors = frozenset({("volume", vol), ("replica", str(v.replicas[2])), ("kind", "write")})
+    errors = volume_labels | {("replica", str(v.replicas[2])), ("kind", "write")}
     assert samples[("lnmirror_replica_errors_total", errors)] >= 0
-    assert samples[("lnmirror_pending_heal", frozenset({("volume", vol)}))] >= 1
+    assert samples[("lnmirror_pending_heal", volume_labels)] >= 1
     os.rename(away, v.replicas[2])
     assert lnmirror("scrub", str(m.path), check=False).returncode == 1
     wait_for(lambda: f"healed {v.replicas[2]}" in events.read_text())
     samples = parse_prometheus(m.status("--prometheus").stdout)
-    assert samples[("lnmirror_volume_healthy", frozenset({("volume", vol)}))] == 1
+    assert samples[("lnmirror_volume_healthy", volume_labels)] == 1
     assert any(name == "lnmirror_last_scrub_timestamp_seconds" for name, _ in samples)
     assert m.unmount() == 0
+
+
+def readme_prometheus_cron(mountpoint: Path, textfile_dir: Path) -> str:
+    """The README's node_exporter cron line, as the shell command cron would run, aimed at
+    this test's mount, textfile directory and commands."""
+    line = next(line for line in (REPO / "README.md").read_text().splitlines()
+                if "--prometheus" in line and " root " in line)
+    command = line.split(None, 6)[6]  # five time fields and the user
+    for path, here in (("/home/bitcoin/.lightning", mountpoint),
+                       ("/var/lib/node_exporter", textfile_dir),
+                       ("/usr/local/bin/lnmirror", Path(VENV_BIN) / "lnmirror")):
+        assert path in command
+        command = command.replace(path, str(here))
+    return command
+
+
+def test_prometheus_cron_line_reports_mounted_and_unmounted(volume, tmp_path):
+    textfiles = tmp_path / "node_exporter"
+    textfiles.mkdir()
+    mnt = tmp_path / "ln"
+    mnt.mkdir()
+    cron = readme_prometheus_cron(mnt, textfiles)
+    labels = frozenset({("mountpoint", str(mnt))})
+
+    def run_cron() -> dict:
+        subprocess.run(["sh", "-c", cron], check=False, timeout=60)
+        assert [p.name for p in textfiles.iterdir()] == ["lnmirror.prom"]  # no temp file left
+        return parse_prometheus((textfiles / "lnmirror.prom").read_text())
+
+    samples = run_cron()
+    assert samples == {("lnmirror_volume_mounted", labels): 0, ("lnmirror_volume_healthy", labels): 0}
+    proc = lnmirror("status", str(mnt), "--prometheus", check=False)
+    assert proc.returncode == 1 and proc.stderr == "" and parse_prometheus(proc.stdout) == samples
+    m = Mount(mnt, volume.replica_args())
+    volume.mounts.append(m)
+    m.start()
+    samples = run_cron()
+    vol = next(dict(labels)["volume"] for name, labels in samples if name == "lnmirror_volume_mounted")
+    labels |= {("volume", vol)}
+    assert samples[("lnmirror_volume_mounted", labels)] == 1
+    assert samples[("lnmirror_volume_healthy", labels)] == 1
+    assert lnmirror("status", str(mnt), "--prometheus", check=False).returncode == 0
+    assert m.unmount() == 0
+    assert run_cron()[("lnmirror_volume_mounted", frozenset({("mountpoint", str(mnt))}))] == 0
 
 
 def make_lightning_dir(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from .. import control
@@ -13,7 +14,14 @@ from .common import CliError, open_volume, volume_options
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mountpoint:
-        status = _live_status(args.mountpoint, args.wait)
+        try:
+            status = _live_status(args.mountpoint, args.wait)
+        except CliError:
+            if not args.prometheus:
+                raise
+            # A cron job writing node_exporter metrics: say "not mounted" in the metrics.
+            print(format_prometheus_unmounted(args.mountpoint), end="")
+            return 1
     elif args.replica:
         volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
         try:
@@ -50,23 +58,46 @@ def _live_status(mountpoint: str, wait: float | None) -> dict:
                 raise CliError(f"no lnmirrorfs mount is serving {mountpoint}")
             break
         time.sleep(0.2)
-    status["mounted"] = mountpoint
+    status["mounted"] = os.path.abspath(mountpoint)
     return status
 
 
 _STATES = ("ONLINE", "STALE", "FAULTED", "MISSING")
 
 
+def _label(value: str) -> str:
+    """A label value in the exposition format (backslash, quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _mounted_and_healthy(labels: str, mounted: int, healthy: int) -> list[str]:
+    return [
+        "# HELP lnmirror_volume_mounted 1 when a mount answers on its control socket.",
+        "# TYPE lnmirror_volume_mounted gauge",
+        f"lnmirror_volume_mounted{{{labels}}} {mounted}",
+        "# HELP lnmirror_volume_healthy 1 when the volume and every replica are ONLINE.",
+        "# TYPE lnmirror_volume_healthy gauge",
+        f"lnmirror_volume_healthy{{{labels}}} {healthy}",
+    ]
+
+
+def format_prometheus_unmounted(mountpoint: str) -> str:
+    """What `status MOUNTPOINT --prometheus` says when no mount serves MOUNTPOINT."""
+    labels = f'mountpoint="{_label(os.path.abspath(mountpoint))}"'
+    return "\n".join(_mounted_and_healthy(labels, 0, 0)) + "\n"
+
+
 def format_prometheus(s: dict) -> str:
-    """node_exporter textfile format: one gauge family per fact, labelled by volume/replica."""
+    """node_exporter textfile format: one gauge family per fact, labelled by volume (and
+    mountpoint, for a live mount) and replica."""
     vol = f'volume="{s["volume"]}"'
+    if "mounted" in s:
+        vol += f',mountpoint="{_label(s["mounted"])}"'
     healthy = int(s["state"] == "ONLINE" and all(r["state"] == "ONLINE" for r in s["replicas"]))
     stale = sum(r["state"] != "ONLINE" for r in s["replicas"])
     scrub = s.get("last_scrub") or {}
     lines = [
-        "# HELP lnmirror_volume_healthy 1 when the volume and every replica are ONLINE.",
-        "# TYPE lnmirror_volume_healthy gauge",
-        f"lnmirror_volume_healthy{{{vol}}} {healthy}",
+        *_mounted_and_healthy(vol, int("mounted" in s), healthy),
         "# HELP lnmirror_volume_writable 1 unless a write lost its quorum (SUSPENDED).",
         "# TYPE lnmirror_volume_writable gauge",
         f"lnmirror_volume_writable{{{vol}}} {int(s['state'] != 'SUSPENDED')}",
@@ -79,19 +110,19 @@ def format_prometheus(s: dict) -> str:
         "# HELP lnmirror_replica_state 1 for the state each replica is in.",
         "# TYPE lnmirror_replica_state gauge",
     ]
+    rep = {r["path"]: f'{vol},replica="{_label(r["path"])}"' for r in s["replicas"]}
     for r in s["replicas"]:
         for state in _STATES:
-            lines.append(f'lnmirror_replica_state{{{vol},replica="{r["path"]}",state="{state}"}} '
+            lines.append(f'lnmirror_replica_state{{{rep[r["path"]]},state="{state}"}} '
                          f'{int(r["state"] == state)}')
     lines += ["# HELP lnmirror_replica_errors_total Read, write and checksum errors, across mounts.",
               "# TYPE lnmirror_replica_errors_total counter"]
     for r in s["replicas"]:
         for kind, count in r["errors"].items():
-            lines.append(f'lnmirror_replica_errors_total{{{vol},replica="{r["path"]}",kind="{kind}"}} '
-                         f"{count}")
+            lines.append(f'lnmirror_replica_errors_total{{{rep[r["path"]]},kind="{kind}"}} {count}')
     lines += ["# HELP lnmirror_replica_free_bytes Free space on the replica's filesystem.",
               "# TYPE lnmirror_replica_free_bytes gauge"]
-    lines += [f'lnmirror_replica_free_bytes{{{vol},replica="{r["path"]}"}} {r["free_bytes"]}'
+    lines += [f'lnmirror_replica_free_bytes{{{rep[r["path"]]}}} {r["free_bytes"]}'
               for r in s["replicas"] if r["free_bytes"] is not None]
     if scrub:
         lines += ["# HELP lnmirror_last_scrub_timestamp_seconds When the last scrub finished.",
