@@ -126,6 +126,8 @@ def cases(w) -> list[tuple[str, list[str], str]]:
                                    "--quorum", "3"], "between"),
         ("mount: missing mountpoint", ["MOUNT", str(w["tmp"] / "nomnt"), "-f", *good,
                                        "--key-file", key], "mountpoint"),
+        ("mount: non-empty mountpoint", ["MOUNT", str(w["plain"]), "-f", *good, "--key-file", key],
+         "not empty"),
         ("mount: read-only requested", ["MOUNT", str(w["mnt"]), "-f", *good, "--key-file", key,
                                         "-o", "ro"], "read-only"),
         ("mount: no replicas", ["MOUNT", str(w["mnt"]), "-f"], "no replicas"),

@@ -77,6 +77,30 @@ def test_fstab_mount_and_umount(volume, tmp_path, installed_commands):
     wait_daemon_gone(mnt)
 
 
+def test_mount_helper_refuses_non_empty_mountpoint_unless_nonempty(volume, tmp_path,
+                                                                   installed_commands):
+    mnt = tmp_path / "ln"
+    mnt.mkdir()
+    (mnt / "left-over").write_text("under the mount")
+    options = f"replica={':'.join(str(r) for r in volume.replicas)},key={volume.key}"
+    proc = subprocess.run(["mount", "-t", "fuse.mount_lnmirror", "-o", options, "lnmirror", str(mnt)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and not is_mounted(mnt)
+    assert proc.stderr.strip().splitlines() == [
+        f"mount_lnmirror: mountpoint {mnt} is not empty (the mount would hide what is in it); "
+        "empty it, or give -o nonempty"]
+    proc = subprocess.run(["mount", "-t", "fuse.mount_lnmirror", "-o", options + ",nonempty",
+                           "lnmirror", str(mnt)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert os.listdir(mnt) == []  # the volume, hiding the directory's own file
+        (mnt / "config").write_text("network=bitcoin\n")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        wait_daemon_gone(mnt)
+    assert os.listdir(mnt) == ["left-over"]
+
+
 def test_config_file_and_status_wait(volume, tmp_path):
     mnt = tmp_path / "ln"
     mnt.mkdir()

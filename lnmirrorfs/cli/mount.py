@@ -26,6 +26,7 @@ def parse_mount_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list
     source, args.mountpoint = ([None, None] + args.args)[-2:]
     replicas = list(args.replica or [])
     fuse_options = []
+    nonempty = False
     for opt in ",".join(args.options).split(","):
         name, _, value = opt.partition("=")
         if not name or name in _IGNORED_MOUNT_OPTIONS or name.startswith("x-"):
@@ -40,6 +41,8 @@ def parse_mount_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list
             args.deadline = _number(float, name, value)
         elif name == "config":
             args.config = value
+        elif name == "nonempty":  # libfuse 3 has no such option: we check it ourselves
+            nonempty = True
         elif name == "ro":
             raise CliError("read-only mounts are not supported; use lnmirror restore")
         else:
@@ -54,7 +57,21 @@ def parse_mount_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list
         raise CliError("no mountpoint: give MOUNTPOINT (or mountpoint in the config file)")
     if not os.path.isdir(args.mountpoint):
         raise CliError(f"mountpoint {args.mountpoint} does not exist or is not a directory")
+    if not nonempty:
+        _check_empty_mountpoint(args.mountpoint)
     return args, fuse_options
+
+
+def _check_empty_mountpoint(path: str) -> None:
+    """Files under a mountpoint would be hidden by the mount (and lightningd would not see
+    them): mounting over them must be asked for."""
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        raise CliError(f"mountpoint {path}: {exc.strerror}") from None
+    if entries:
+        raise CliError(f"mountpoint {path} is not empty (the mount would hide what is in it); "
+                       "empty it, or give -o nonempty")
 
 
 def _number(kind, name: str, value: str):
