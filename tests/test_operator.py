@@ -289,3 +289,21 @@ def test_shipped_systemd_units_verify(tmp_path, installed_commands):
                           cwd=work, capture_output=True, text=True)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), \
         proc.stdout + proc.stderr
+
+
+def test_checkout_script_without_virtualenv_says_what_to_run(tmp_path):
+    checkout = tmp_path / "checkout"  # a checkout where scripts/setup.sh has not run yet
+    checkout.mkdir()
+    shutil.copy(REPO / "mount_lnmirror", checkout)
+    shutil.copytree(REPO / "lnmirrorfs", checkout / "lnmirrorfs")
+    # -S: no site-packages, so this Python lacks the dependencies whatever is installed
+    proc = subprocess.run([sys.executable, "-S", str(checkout / "mount_lnmirror"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert re.fullmatch(r"mount_lnmirror: Python module '\w+' is missing: run `bash scripts/setup.sh` "
+                        rf"\(as root\) in {re.escape(str(checkout))}, then use "
+                        rf"{re.escape(str(checkout))}/\.venv/bin/mount_lnmirror\n", proc.stderr)
+    # in a set-up checkout, any python3 runs it: the script switches to the checkout's .venv
+    proc = subprocess.run(["python3", "-S", str(REPO / "mount_lnmirror"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: mount_lnmirror"), proc.stderr
