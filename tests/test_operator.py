@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Mount, is_mounted, lnmirror
+from conftest import REPO, Mount, force_unmount, is_mounted, lnmirror
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -48,9 +48,25 @@ def wait_daemon_gone(mountpoint: Path) -> None:
                                     capture_output=True).returncode != 0)
 
 
-def test_fstab_mount_and_umount(volume, tmp_path, installed_commands):
+def mount_options_of(path: Path) -> set[str]:
+    with open("/proc/mounts") as f:
+        return next(set(line.split()[3].split(",")) for line in f
+                    if line.split()[1] == os.path.realpath(path))
+
+
+@pytest.fixture
+def helper_mnt(tmp_path, installed_commands) -> Path:
+    """A mountpoint for mounts made through mount(8); unmounted afterwards if a test failed."""
     mnt = tmp_path / "ln"
     mnt.mkdir()
+    yield mnt
+    if is_mounted(mnt):
+        force_unmount(mnt)
+        wait_daemon_gone(mnt)
+
+
+def test_fstab_mount_and_umount(volume, tmp_path, helper_mnt):
+    mnt = helper_mnt
     replicas = ":".join(str(r) for r in volume.replicas)
     fstab = tmp_path / "fstab"
     fstab.write_text(f"lnmirror {mnt} fuse.mount_lnmirror "
@@ -60,6 +76,7 @@ def test_fstab_mount_and_umount(volume, tmp_path, installed_commands):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert is_mounted(mnt)
+        assert {"nosuid", "nodev"} <= mount_options_of(mnt)  # as for a direct mount
         if attempt == 0:
             (mnt / "config").write_text("network=bitcoin\n")
         else:
@@ -73,14 +90,13 @@ def test_fstab_mount_and_umount(volume, tmp_path, installed_commands):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (mnt / "config").read_text() == "network=bitcoin\n"
+    assert {"nosuid", "nodev"} <= mount_options_of(mnt)
     subprocess.run(["umount", str(mnt)], check=True)
     wait_daemon_gone(mnt)
 
 
-def test_mount_helper_refuses_non_empty_mountpoint_unless_nonempty(volume, tmp_path,
-                                                                   installed_commands):
-    mnt = tmp_path / "ln"
-    mnt.mkdir()
+def test_mount_helper_refuses_non_empty_mountpoint_unless_nonempty(volume, helper_mnt):
+    mnt = helper_mnt
     (mnt / "left-over").write_text("under the mount")
     options = f"replica={':'.join(str(r) for r in volume.replicas)},key={volume.key}"
     proc = subprocess.run(["mount", "-t", "fuse.mount_lnmirror", "-o", options, "lnmirror", str(mnt)],
@@ -92,12 +108,10 @@ def test_mount_helper_refuses_non_empty_mountpoint_unless_nonempty(volume, tmp_p
     proc = subprocess.run(["mount", "-t", "fuse.mount_lnmirror", "-o", options + ",nonempty",
                            "lnmirror", str(mnt)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    try:
-        assert os.listdir(mnt) == []  # the volume, hiding the directory's own file
-        (mnt / "config").write_text("network=bitcoin\n")
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-        wait_daemon_gone(mnt)
+    assert os.listdir(mnt) == []  # the volume, hiding the directory's own file
+    (mnt / "config").write_text("network=bitcoin\n")
+    subprocess.run(["umount", str(mnt)], check=True)
+    wait_daemon_gone(mnt)
     assert os.listdir(mnt) == ["left-over"]
 
 

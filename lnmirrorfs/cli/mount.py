@@ -27,7 +27,10 @@ def parse_mount_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list
     replicas = list(args.replica or [])
     fuse_options = []
     nonempty = False
-    for opt in ",".join(args.options).split(","):
+    options = ",".join(args.options).split(",")
+    if source is not None:
+        options = _without_helper_defaults(options)
+    for opt in options:
         name, _, value = opt.partition("=")
         if not name or name in _IGNORED_MOUNT_OPTIONS or name.startswith("x-"):
             continue
@@ -60,6 +63,14 @@ def parse_mount_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list
     if not nonempty:
         _check_empty_mountpoint(args.mountpoint)
     return args, fuse_options
+
+
+def _without_helper_defaults(options: list[str]) -> list[str]:
+    """mount.fuse3 (fstab, `mount -t fuse.mount_lnmirror`) appends `dev` and `suid` unless
+    `nodev` / `nosuid` were given, as mount(8) would for a disk, and mount(8) itself never
+    passes an operator's `suid` or `dev` on: drop them, so the mount is nosuid,nodev like a
+    direct one (libfuse's default)."""
+    return [opt for opt in options if opt not in ("dev", "suid")]
 
 
 def _check_empty_mountpoint(path: str) -> None:
