@@ -20,58 +20,88 @@ from .status import cmd_status
 __all__ = ["CliError", "lnmirror_main", "lnmirror_parser", "mount_main", "mount_parser"]
 
 
+def _subcommand(sub, name: str, help: str, exits: str) -> argparse.ArgumentParser:
+    """A subcommand with -v and its exit codes at the end of its --help."""
+    p = sub.add_parser(name, help=help, description=help, epilog=f"exit codes: {exits}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log progress (INFO, with timestamps) to stderr; by default only warnings")
+    return p
+
+
 def lnmirror_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lnmirror", description="lnmirrorfs volume management")
+    p = argparse.ArgumentParser(
+        prog="lnmirror", description="lnmirrorfs volume management",
+        epilog="exit codes: 0 success; 1 unhealthy / repaired / wrong key (see each command's "
+               "--help); 2 bad input or refused, with one line on stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
-    init = sub.add_parser("init", help="create a volume on empty replica directories")
-    init.add_argument("--replica", action="append", required=True, metavar="DIR")
-    init.add_argument("-k", type=int, default=1, help="shares needed to decode (default 1)")
+    init = _subcommand(sub, "init", "create a volume on empty replica directories",
+                       "0 created, 2 refused (nothing is left behind)")
+    init.add_argument("--replica", action="append", required=True, metavar="DIR",
+                      help="an empty replica directory; give it once per replica (at least two)")
+    init.add_argument("-k", type=int, default=1,
+                      help="shares needed to decode a block, 1..number of replicas (default 1: "
+                           "every replica holds a full copy)")
     init.add_argument("--key-file", metavar="PATH",
-                      help="where to write the key (default /etc/lnmirrorfs/VOLUME.key)")
-    init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+                      help="where to write the key (default /etc/lnmirrorfs/VOLUME.key); "
+                           "must not exist yet")
+    init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="BYTES",
+                      help=f"bytes per encrypted block, a power of two >= 512 "
+                           f"(default {DEFAULT_BLOCK_SIZE}, SQLite's page size)")
     init.add_argument("--force", action="store_true", help="allow a single replica")
     init.add_argument("--from", dest="source", metavar="LIGHTNING_DIR",
                       help="import a stopped node's directory into the new volume")
     init.set_defaults(func=cmd_init)
 
-    key = sub.add_parser("key", help="check a typed-in paper key (stdin) or a key file")
-    key.add_argument("--check", action="store_true", required=True)
-    key.add_argument("--replica", required=True, metavar="DIR")
-    key.add_argument("--key-file", metavar="PATH")
+    key = _subcommand(sub, "key", "check a typed-in paper key (stdin) or a key file",
+                      "0 the key is the volume's, 1 wrong or mistyped key, 2 bad input")
+    key.add_argument("--check", action="store_true", required=True,
+                     help="check the key against the replica's header (the only action)")
+    key.add_argument("--replica", required=True, metavar="DIR",
+                     help="any replica directory of the volume")
+    key.add_argument("--key-file", metavar="PATH",
+                     help="check this key file instead of a paper key read from stdin "
+                          "(prompted for, not echoed, on a terminal)")
     key.set_defaults(func=cmd_key)
 
-    status = sub.add_parser("status", help="health of a mount or of replica directories")
-    status.add_argument("mountpoint", nargs="?")
+    status = _subcommand(sub, "status", "health of a mount or of replica directories",
+                         "0 volume and every replica ONLINE (with --wait: the mount accepts "
+                         "writes); 1 not healthy, or not mounted with --prometheus; 2 no mount "
+                         "answers, or bad input")
+    status.add_argument("mountpoint", nargs="?", help="ask the live mount at this directory")
     add_replica_args(status)
     shown = status.add_mutually_exclusive_group()
-    shown.add_argument("--json", action="store_true")
+    shown.add_argument("--json", action="store_true", help="print the status as JSON")
     shown.add_argument("--prometheus", action="store_true",
                        help="node_exporter textfile format")
     status.add_argument("--wait", type=float, metavar="SECONDS",
                         help="wait until the mount answers and accepts writes (exit 0), or fail")
     status.set_defaults(func=cmd_status)
 
-    restore = sub.add_parser("restore", help="write the last acknowledged state as plain files")
+    restore = _subcommand(sub, "restore", "write the last acknowledged state as plain files",
+                          "0 restored and verified, 2 refused or failed")
     add_replica_args(restore)
-    restore.add_argument("target")
+    restore.add_argument("target", help="an empty or new directory to write the files into")
     restore.set_defaults(func=cmd_restore)
 
-    scrub_p = sub.add_parser("scrub", help="verify every share and heal (exit 0 clean, 1 repaired, "
-                                           "2 unrepairable)")
-    scrub_p.add_argument("mountpoint", nargs="?")
+    scrub_p = _subcommand(sub, "scrub", "verify every share and heal",
+                          "0 clean, 1 repaired (with --dry-run: problems found), "
+                          "2 something is unrepairable, or bad input")
+    scrub_p.add_argument("mountpoint", nargs="?",
+                         help="scrub through the live mount at this directory")
     add_replica_args(scrub_p)
     scrub_p.add_argument("--dry-run", action="store_true", help="report, change nothing")
     scrub_p.add_argument("--rate", type=float, metavar="MB/S", help="read at most this fast")
-    scrub_p.add_argument("--json", action="store_true")
+    scrub_p.add_argument("--json", action="store_true", help="print the report as JSON")
     scrub_p.set_defaults(func=cmd_scrub)
 
-    replace = sub.add_parser("replace", help="resilver an empty directory in place of a dead replica")
+    replace = _subcommand(sub, "replace", "resilver an empty directory in place of a dead replica",
+                          "0 replaced and healed, 2 something is unrepairable, or bad input")
     replace.add_argument("--mountpoint", help="the live mount to replace it in")
     add_replica_args(replace)
-    replace.add_argument("old")
-    replace.add_argument("new")
-    replace.add_argument("--json", action="store_true")
+    replace.add_argument("old", help="the dead replica directory (it need not exist any more)")
+    replace.add_argument("new", help="the empty directory that takes its place")
+    replace.add_argument("--json", action="store_true", help="print the report as JSON")
     replace.set_defaults(func=cmd_replace)
     return p
 
@@ -80,7 +110,7 @@ def lnmirror_main(argv: list[str] | None = None) -> int:
     def main(argv):
         args = lnmirror_parser().parse_args(argv)
         apply_config(args)
-        setup_logging(foreground=True)
+        setup_logging(foreground=True, verbose=args.verbose)
         return args.func(args)
     return run(main, argv, "lnmirror")
 
@@ -89,11 +119,20 @@ def mount_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mount_lnmirror",
         description="mount an lnmirrorfs volume: mount_lnmirror MOUNTPOINT --replica A --replica B,"
-                    " or as a mount helper: mount_lnmirror SOURCE MOUNTPOINT -o replica=A:B,key=K")
-    p.add_argument("args", nargs="*", metavar="[SOURCE] MOUNTPOINT")
+                    " or as a mount helper: mount_lnmirror SOURCE MOUNTPOINT -o replica=A:B,key=K",
+        epilog="exit codes: 0 mounted (with -f: unmounted cleanly), 1 the daemon failed or could "
+               "not make buffered changes durable at unmount, 2 bad input or refused (wrong key, "
+               "replicas that cannot prove the latest state, ...)")
+    p.add_argument("args", nargs="*", metavar="[SOURCE] MOUNTPOINT",
+                   help="the (empty) directory to mount on; SOURCE (mount helper form) is free "
+                        "text, or the replica list A:B")
     add_replica_args(p)
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
-    p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="replica=A:B, key=PATH, quorum=W, deadline=SECONDS, config=TOML, "
+                        "nonempty; mount(8) options are ignored, the rest goes to FUSE "
+                        "(e.g. allow_other)")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="do not daemonize; log to stderr (systemd runs it like this)")
     p.add_argument("--on-degraded", metavar="CMD",
                    help="shell command run when a replica faults or heals, or the quorum is lost "
                         "(env LNMIRROR_EVENT, LNMIRROR_REPLICA, LNMIRROR_REASON)")

@@ -121,10 +121,15 @@ def open_volume(replicas: list[str], key_file: str | None, options: Options,
 
 
 def add_replica_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--replica", action="append", metavar="DIR")
-    p.add_argument("--key-file", metavar="PATH")
-    p.add_argument("--quorum", type=int, help="write quorum W (default: majority, at least k)")
-    p.add_argument("--deadline", type=float, help="seconds per replica request (default 10)")
+    p.add_argument("--replica", action="append", metavar="DIR",
+                   help="a replica directory of the volume; give it once per replica")
+    p.add_argument("--key-file", metavar="PATH",
+                   help="the volume's key file (default /etc/lnmirrorfs/VOLUME.key)")
+    p.add_argument("--quorum", type=int, metavar="W",
+                   help="write quorum W (default: majority, at least k; both of two)")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="seconds a replica may take for one request before it is FAULTED "
+                        "(default 10)")
     p.add_argument("--config", metavar="TOML", help="read replicas, key_file, quorum, deadline, "
                    "on_degraded, mountpoint from this file; the command line wins")
 
@@ -139,12 +144,17 @@ def run(main, argv: list[str] | None, prog: str) -> int:
         return 130
 
 
-def setup_logging(foreground: bool) -> None:
+def setup_logging(foreground: bool, verbose: bool = True) -> None:
+    """Log to stderr in the foreground, else to syslog.  `verbose=False` (an `lnmirror`
+    command without -v): warnings and errors only, without timestamps, so a command's
+    output is its report."""
     logger = logging.getLogger("lnmirrorfs")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
     if foreground or not os.path.exists("/dev/log"):
         handler: logging.Handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
+            else "lnmirror: %(levelname)s: %(message)s"))
     else:
         handler = logging.handlers.SysLogHandler("/dev/log")
         handler.setFormatter(logging.Formatter("lnmirrorfs[%(process)d]: %(message)s"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 
 from .. import codec
@@ -18,13 +19,21 @@ def cmd_key(args: argparse.Namespace) -> int:
     if args.key_file:
         master = read_key_file(args.key_file)
     else:
-        if sys.stdin.isatty():
-            print("paper key: ", end="", file=sys.stderr, flush=True)
         try:
-            master = codec.decode_paper_key(sys.stdin.readline())
+            master = codec.decode_paper_key(_read_paper_key())
         except codec.PaperKeyError as exc:
             raise CliError(str(exc), 1) from None
     if codec.key_check(codec.Keys.derive(master), header.volume_id) != header.key_check:
         raise CliError(f"the key is well-formed but not the key of volume {header.volume_hex}", 1)
     print(f"key OK for volume {header.volume_hex}")
     return 0
+
+
+def _read_paper_key() -> str:
+    """One line from stdin; on a terminal, prompted for and not echoed (it is the key)."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline()
+    try:
+        return getpass.getpass("paper key (not echoed): ")
+    except EOFError:
+        raise CliError("no paper key typed", 1) from None

@@ -139,7 +139,8 @@ def _daemonize(serve) -> int:
         if message == "ok":
             return 0
         print(message or "mount_lnmirror: the mount daemon died while starting", file=sys.stderr)
-        return 1
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])  # the child's, as with -f
+        return code if code > 0 else 1
     os.close(read_end)
     os.setsid()
     setup_logging(foreground=False)

@@ -33,7 +33,10 @@ def cmd_replace(args: argparse.Namespace) -> int:
     if args.replica:  # the dead replica itself need not (cannot) be opened
         old = os.path.realpath(args.old)
         args.replica = [r for r in args.replica if os.path.realpath(r) != old]
-    return _print_report(args, _heal(args, request, replace_offline))
+    # Resilvering the new replica is a repair by definition: that is success here.  A new
+    # replica that could not be healed makes the result "unrepairable" (exit 2).
+    code = _print_report(args, _heal(args, request, replace_offline))
+    return 0 if code == scrub.Report.exit_code_for("repaired") else code
 
 
 def _heal(args: argparse.Namespace, request: dict, offline, writable: bool = True) -> dict:
