@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Mount, force_unmount, is_mounted, lnmirror
+from conftest import MOUNT, REPO, Mount, force_unmount, is_mounted, lnmirror
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -321,3 +321,72 @@ def test_checkout_script_without_virtualenv_says_what_to_run(tmp_path):
     proc = subprocess.run(["python3", "-S", str(REPO / "mount_lnmirror"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: mount_lnmirror"), proc.stderr
+
+
+def process_running(pid: int) -> bool:
+    """True unless gone or a zombie (an exited daemon whose new parent has not reaped it)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def test_status_wait_unmounted_returns_after_the_daemon_is_done(volume, tmp_path):
+    mnt = tmp_path / "ln"
+    mnt.mkdir()
+    both = [str(mnt), *volume.replica_args()]
+    subprocess.run(MOUNT + both, check=True, timeout=60)  # daemonized, like fstab
+    try:
+        data = os.urandom(8 << 20)
+        (mnt / "gossip_store").write_bytes(data)  # left buffered: the unmount must flush it
+        pid = int(next((tmp_path / "run").glob("*.lock")).read_text())
+        proc = lnmirror("status", str(mnt), "--wait-unmounted", "1", check=False)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr == f"lnmirror: {mnt} is still in use after 1s: its control socket answers\n"
+        # a second daemon for the same mountpoint is refused while the first serves it
+        proc = subprocess.run(MOUNT + [*both, "-f", "-o", "nonempty"], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith(
+            f"mount_lnmirror: {mnt} is still served by another mount_lnmirror (pid {pid})")
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        proc = lnmirror("status", str(mnt), "--wait-unmounted", "60", check=False)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        force_unmount(mnt)
+    assert not process_running(pid)  # the daemon has exited...
+    for r in volume.replicas:  # ...and released every replica
+        with open(r / "lock") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    out = tmp_path / "out"
+    lnmirror("restore", *volume.replica_args(), str(out))
+    assert (out / "gossip_store").read_bytes() == data
+
+
+def test_systemd_unit_stop_commands_wait_for_the_daemon(volume, tmp_path):
+    """lnmirror@.service's ExecStop= lines, run as systemd would (with $MAINPID and the
+    config of instance %i), against a real daemon started like its ExecStart=."""
+    mnt = tmp_path / "ln"
+    mnt.mkdir()
+    config = tmp_path / "node.toml"
+    replicas = ", ".join(f'"{r}"' for r in volume.replicas)
+    config.write_text(f'mountpoint = "{mnt}"\nreplicas = [{replicas}]\nkey_file = "{volume.key}"\n')
+    unit = (REPO / "contrib" / "systemd" / "lnmirror@.service").read_text()
+    stops = re.findall(r"^ExecStop=(.*)$", unit, flags=re.M)
+    assert stops
+    m = Mount(mnt, ["--config", str(config)])  # mount_lnmirror -f --config, as ExecStart=
+    volume.mounts.append(m)
+    m.start()
+    data = os.urandom(1 << 20)
+    (mnt / "lightningd.sqlite3").write_bytes(data)
+    for line in stops:
+        command = (line.replace("$MAINPID", str(m.proc.pid))
+                   .replace("/etc/lnmirrorfs/%i.toml", str(config))
+                   .replace("/usr/local/bin/", VENV_BIN + "/"))
+        proc = subprocess.run(command.split(), capture_output=True, text=True, timeout=130)
+        assert proc.returncode == 0, f"{command}: {proc.stdout}{proc.stderr}"
+    assert m.proc.wait(5) == 0 and not is_mounted(mnt)  # gone, with a clean exit
+    m.proc = None
+    out = tmp_path / "out"
+    lnmirror("restore", *volume.replica_args(), str(out))
+    assert (out / "lightningd.sqlite3").read_bytes() == data

@@ -66,8 +66,9 @@ def lnmirror_parser() -> argparse.ArgumentParser:
 
     status = _subcommand(sub, "status", "health of a mount or of replica directories",
                          "0 volume and every replica ONLINE (with --wait: the mount accepts "
-                         "writes); 1 not healthy, or not mounted with --prometheus; 2 no mount "
-                         "answers, or bad input")
+                         "writes; with --wait-unmounted: it is gone); 1 not healthy, not "
+                         "mounted with --prometheus, still mounted after --wait-unmounted; "
+                         "2 no mount answers, or bad input")
     status.add_argument("mountpoint", nargs="?", help="ask the live mount at this directory")
     add_replica_args(status)
     shown = status.add_mutually_exclusive_group()
@@ -76,6 +77,10 @@ def lnmirror_parser() -> argparse.ArgumentParser:
                        help="node_exporter textfile format")
     status.add_argument("--wait", type=float, metavar="SECONDS",
                         help="wait until the mount answers and accepts writes (exit 0), or fail")
+    status.add_argument("--wait-unmounted", type=float, metavar="SECONDS",
+                        help="after an unmount: wait until no daemon serves MOUNTPOINT and the "
+                             "replicas' locks are free, i.e. the last snapshot is written "
+                             "(exit 0), or exit 1 on timeout")
     status.set_defaults(func=cmd_status)
 
     restore = _subcommand(sub, "restore", "write the last acknowledged state as plain files",

@@ -4,6 +4,7 @@ the replica arguments, running a command and logging."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -11,7 +12,7 @@ import stat
 import sys
 import tomllib
 
-from .. import codec
+from .. import codec, control
 from ..replica import Replica, ReplicaError
 from ..volume import Options, Volume, VolumeError
 
@@ -142,6 +143,46 @@ def run(main, argv: list[str] | None, prog: str) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+
+
+# ---------------------------------------------------------------- daemon lock
+
+def daemon_lock_path(mountpoint: str) -> str:
+    """Next to the control socket: flock()ed by the process serving MOUNTPOINT for as long
+    as it lives, i.e. until its last snapshot is written and the replicas are closed."""
+    return os.path.splitext(control.socket_path(mountpoint))[0] + ".lock"
+
+
+def hold_daemon_lock(mountpoint: str) -> int:
+    """Take the daemon lock for this process (released when it exits); refuses when another
+    mount_lnmirror still serves MOUNTPOINT."""
+    path = daemon_lock_path(mountpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CliError(f"{mountpoint} is still served by another mount_lnmirror (pid {owner}); "
+                       f"wait for it: lnmirror status {mountpoint} --wait-unmounted 60") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def daemon_lock_held(mountpoint: str) -> bool:
+    try:
+        fd = os.open(daemon_lock_path(mountpoint), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock, if taken
 
 
 def setup_logging(foreground: bool, verbose: bool = True) -> None:

@@ -9,7 +9,7 @@ import sys
 
 from .. import control
 from ..volume import Volume, VolumeError
-from .common import CliError, apply_config, open_volume, setup_logging, volume_options
+from .common import CliError, apply_config, hold_daemon_lock, open_volume, setup_logging, volume_options
 
 log = logging.getLogger("lnmirrorfs")
 
@@ -100,16 +100,17 @@ def mount(parsed: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if args.foreground:
         setup_logging(foreground=True)
-        volume = _open_for_mount(args)
+        volume = _open_for_mount(args, mountpoint)
         daemon.serve(volume, mountpoint, fuse_options, control.socket_path(mountpoint),
                      ready=lambda: log.info("mounted %s", mountpoint), hook=args.on_degraded)
         return 0
     return _daemonize(lambda ready: daemon.serve(
-        _open_for_mount(args), mountpoint, fuse_options, control.socket_path(mountpoint), ready,
+        _open_for_mount(args, mountpoint), mountpoint, fuse_options, control.socket_path(mountpoint), ready,
         hook=args.on_degraded))
 
 
-def _open_for_mount(args: argparse.Namespace) -> Volume:
+def _open_for_mount(args: argparse.Namespace, mountpoint: str) -> Volume:
+    args.daemon_lock = hold_daemon_lock(mountpoint)  # kept open until this process exits
     volume = open_volume(args.replica, args.key_file, volume_options(args))
     try:
         volume.check_quorum()

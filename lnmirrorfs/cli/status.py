@@ -4,15 +4,25 @@ Prometheus textfile metrics."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import socket
+import threading
 import time
 
-from .. import control
-from .common import CliError, open_volume, volume_options
+from .. import control, format
+from .common import CliError, daemon_lock_held, open_volume, volume_options
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.wait_unmounted is not None:
+        if args.wait is not None or args.json or args.prometheus:
+            raise CliError("--wait-unmounted prints no status: give it without --wait, --json "
+                           "and --prometheus")
+        if not args.mountpoint:
+            raise CliError("--wait-unmounted needs the MOUNTPOINT (or mountpoint in the config)")
+        return wait_unmounted(args.mountpoint, args.replica or [], args.wait_unmounted)
     if args.mountpoint:
         try:
             status = _live_status(args.mountpoint, args.wait)
@@ -60,6 +70,69 @@ def _live_status(mountpoint: str, wait: float | None) -> dict:
         time.sleep(0.2)
     status["mounted"] = os.path.abspath(mountpoint)
     return status
+
+
+def wait_unmounted(mountpoint: str, replicas: list[str], seconds: float) -> int:
+    """After `fusermount3 -u`: wait until no daemon serves MOUNTPOINT any more (its control
+    socket does not answer and its daemon lock is free: it has written its snapshot and
+    exited) and no process holds the replicas' locks."""
+    deadline = time.monotonic() + seconds
+    sock = control.socket_path(mountpoint)
+    try:  # a mount still answering names its replicas
+        replicas = replicas or [r["path"] for r in
+                                control.request(sock, {"cmd": "status"}, timeout=5)["replicas"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    while True:
+        busy = ("its control socket answers" if _answers(sock) else
+                "its daemon is still writing its snapshot" if daemon_lock_held(mountpoint) else
+                _locked_replica(replicas, deadline - time.monotonic()))
+        if not busy:
+            print(f"{mountpoint}: no mount serves it; every replica is closed")
+            return 0
+        if time.monotonic() >= deadline:
+            raise CliError(f"{mountpoint} is still in use after {seconds:g}s: {busy}", 1)
+        time.sleep(0.1)
+
+
+def _answers(path: str) -> bool:
+    """Does a daemon accept connections on this control socket?  (A socket file left by a
+    killed daemon refuses them.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return True  # there, but not answering in time: something still serves it
+    return True
+
+
+def _locked_replica(replicas: list[str], timeout: float) -> str | None:
+    """Why a replica is not free yet (it is locked, or its filesystem does not answer), or
+    None.  Probed in a thread: a hung NAS must not hold the command past its timeout."""
+    result: list[str | None] = ["the replicas do not answer"]
+
+    def probe() -> None:
+        for path in replicas:
+            try:
+                fd = os.open(os.path.join(path, format.LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # no lock file, or no replica there: nobody holds it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                result[0] = f"replica {path} is locked by a mount or another lnmirror command"
+                return
+            finally:
+                os.close(fd)
+        result[0] = None
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(max(timeout, 0.1))
+    return result[0]
 
 
 _STATES = ("ONLINE", "STALE", "FAULTED", "MISSING")
