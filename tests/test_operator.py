@@ -289,20 +289,60 @@ def test_import_existing_node_and_restore_byte_identical(tmp_path):
     assert stat.S_IMODE(os.stat(target / "bitcoin" / "hsm_secret").st_mode) == 0o400
 
 
-def test_shipped_systemd_units_verify(tmp_path, installed_commands):
+def readme_block(containing: str) -> str:
+    """The indented code block of README.md that contains `containing`, as a shell script."""
+    blocks, block = [], []
+    for line in (REPO / "README.md").read_text().splitlines() + [""]:
+        if line.startswith("    ") or (block and not line):
+            block.append(line[4:])
+        elif block:
+            blocks.append("\n".join(block).strip() + "\n")
+            block = []
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"{len(found)} README blocks contain {containing!r}"
+    return found[0]
+
+
+def test_readme_systemd_install_block_installs_units_that_verify(tmp_path, installed_commands):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.fail("systemd-analyze missing: scripts/setup.sh installs systemd")
-    units = REPO / "contrib" / "systemd"
-    work = tmp_path / "units"
-    work.mkdir()
-    for unit in units.glob("*@.*"):
-        shutil.copy(unit, work)
+    root = tmp_path / "root"
+    block = readme_block("lightningd.service.d")
+    env = dict(os.environ, DESTDIR=str(root))
+    subprocess.run(["bash", "-e", "-c", block], cwd=REPO, env=env, check=True)
+    units = root / "etc" / "systemd" / "system"
+    shipped = REPO / "contrib" / "systemd"
+    for name in ("lnmirror@.service", "lnmirror-scrub@.service", "lnmirror-scrub@.timer"):
+        assert (units / name).read_text() == (shipped / name).read_text()
+    assert ((units / "lightningd.service.d" / "lnmirror.conf").read_text()
+            == (shipped / "lightningd-needs-lnmirror.conf").read_text())
+    config = root / "etc" / "lnmirrorfs" / "node.toml"
+    assert config.read_text() == (shipped / "node.toml.example").read_text()
+    for command in ("lnmirror", "mount_lnmirror"):
+        link = root / "usr" / "local" / "bin" / command
+        assert os.path.realpath(link) == os.path.realpath(Path(VENV_BIN) / command)
+        assert subprocess.run([link, "--help"], capture_output=True).returncode == 0
+    config.write_text("# edited by the operator\n")
+    subprocess.run(["bash", "-e", "-c", block], cwd=REPO, env=env, check=True)  # again: fine
+    assert config.read_text() == "# edited by the operator\n"
+    # lightningd's own unit is not ours: a stand-in, to check the drop-in applies to it
+    (units / "lightningd.service").write_text("[Service]\nExecStart=/bin/true\n")
+    proc = subprocess.run([analyze, "cat-config", f"--root={root}", "systemd/system/lightningd.service"],
+                          capture_output=True, text=True)
+    assert "ExecStartPre=/usr/local/bin/lnmirror status" in proc.stdout, proc.stdout + proc.stderr
     proc = subprocess.run([analyze, "verify", "--man=no", "lnmirror@node.service",
-                           "lnmirror-scrub@node.service", "lnmirror-scrub@node.timer"],
-                          cwd=work, capture_output=True, text=True)
+                           "lnmirror-scrub@node.service", "lnmirror-scrub@node.timer",
+                           "lightningd.service"],
+                          env=dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:"), cwd=tmp_path,
+                          capture_output=True, text=True)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), \
         proc.stdout + proc.stderr
+    proc = subprocess.run(["systemctl", f"--root={root}", "enable", "lnmirror@node.service",
+                           "lnmirror-scrub@node.timer"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (units / "multi-user.target.wants" / "lnmirror@node.service").is_symlink()
+    assert (units / "timers.target.wants" / "lnmirror-scrub@node.timer").is_symlink()
 
 
 def test_checkout_script_without_virtualenv_says_what_to_run(tmp_path):
