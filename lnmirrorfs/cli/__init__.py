@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from . import mount
-from .common import CliError, add_replica_args, apply_config, run, setup_logging
+from .common import CliError, Parser, add_replica_args, apply_config, run, setup_logging
 from .init import DEFAULT_BLOCK_SIZE, cmd_init
 from .key import cmd_key
 from .restore import cmd_restore
@@ -29,7 +29,7 @@ def _subcommand(sub, name: str, help: str, exits: str) -> argparse.ArgumentParse
 
 
 def lnmirror_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="lnmirror", description="lnmirrorfs volume management",
         epilog="exit codes: 0 success; 1 unhealthy / repaired / wrong key (see each command's "
                "--help); 2 bad input or refused, with one line on stderr")
@@ -121,7 +121,7 @@ def lnmirror_main(argv: list[str] | None = None) -> int:
 
 
 def mount_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mount_lnmirror",
         description="mount an lnmirrorfs volume: mount_lnmirror MOUNTPOINT --replica A --replica B,"
                     " or as a mount helper: mount_lnmirror SOURCE MOUNTPOINT -o replica=A:B,key=K",

@@ -11,6 +11,7 @@ import os
 import stat
 import sys
 import tomllib
+from typing import NoReturn
 
 from .. import codec, control
 from ..replica import Replica, ReplicaError
@@ -119,6 +120,14 @@ def open_volume(replicas: list[str], key_file: str | None, options: Options,
         return Volume.open(replicas, master, options, writable=writable)
     except VolumeError as exc:
         raise CliError(str(exc)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`prog: message (see prog --help)`), exit 2,
+    like every other refusal, instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see {self.prog} --help)")
 
 
 def add_replica_args(p: argparse.ArgumentParser) -> None:
