@@ -110,7 +110,8 @@ def decode_paper_key(text: str) -> bytes:
     cleaned = cleaned.translate(str.maketrans("018", "OIB"))
     expected_len = (KEY_BYTES + PAPER_CHECK_BYTES) * 8 // 5
     if len(cleaned) != expected_len:
-        raise PaperKeyError(f"key must have {expected_len} characters, got {len(cleaned)}")
+        raise PaperKeyError(f"key must have {expected_len} characters not counting dashes and "
+                            f"spaces, got {len(cleaned)}")
     try:
         raw = base64.b32decode(cleaned)
     except ValueError as exc:

@@ -25,5 +25,6 @@ lnmirrorfs demo is mounted at $demo/mnt (replicas: $demo/replica-a, $demo/replic
   look:     ls -la $demo/mnt; cat $demo/mnt/hello.txt
   health:   $PWD/.venv/bin/lnmirror status $demo/mnt
   replicas hold only ciphertext:  grep -r hello $demo/replica-a || echo 'no plaintext'
-  unmount:  fusermount3 -u $demo/mnt
+  unmount:  fusermount3 -u $demo/mnt && $PWD/.venv/bin/lnmirror status $demo/mnt --wait-unmounted 60
+            (the second command returns once the daemon has written its snapshot and exited)
 MSG

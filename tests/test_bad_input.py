@@ -119,6 +119,12 @@ def cases(w) -> list[tuple[str, list[str], str]]:
         ("status: nothing given", ["status"], "give a MOUNTPOINT"),
         ("status: not mounted", ["status", str(w["mnt"])], "no lnmirrorfs mount"),
         ("scrub: not mounted", ["scrub", str(w["mnt"])], "no lnmirrorfs mount"),
+        ("status: --wait-unmounted without mountpoint", ["status", "--wait-unmounted", "1"],
+         "needs the MOUNTPOINT"),
+        ("status: --wait-unmounted with --json", ["status", str(w["mnt"]), "--wait-unmounted", "1",
+                                                  "--json"], "prints no status"),
+        ("status: --wait-unmounted not a number", ["status", str(w["mnt"]), "--wait-unmounted",
+                                                   "soon"], "invalid float"),
         ("restore: into a non-empty dir", ["restore", *good, "--key-file", key, str(w["plain"])],
          "not an empty directory"),
         ("restore: no replicas", ["restore", str(w["tmp"] / "x")], "--replica"),
@@ -130,9 +136,13 @@ def cases(w) -> list[tuple[str, list[str], str]]:
                                    "--quorum", "3"], "between"),
         ("mount: missing mountpoint", ["MOUNT", str(w["tmp"] / "nomnt"), "-f", *good,
                                        "--key-file", key], "mountpoint"),
+        ("mount: non-empty mountpoint", ["MOUNT", str(w["plain"]), "-f", *good, "--key-file", key],
+         "not empty"),
         ("mount: read-only requested", ["MOUNT", str(w["mnt"]), "-f", *good, "--key-file", key,
                                         "-o", "ro"], "read-only"),
         ("mount: no replicas", ["MOUNT", str(w["mnt"]), "-f"], "no replicas"),
+        ("mount: unknown option", ["MOUNT", str(w["mnt"]), "-f", *good, "--bogus"],
+         "unrecognized arguments"),
         ("mount: every replica missing", ["MOUNT", str(w["mnt"]), "-f", "--replica",
                                           str(w["missing"]), "--key-file", key],
          "none of the replica directories exists"),
@@ -192,3 +202,4 @@ def test_unknown_command_and_option(world):
         proc = subprocess.run([sys.executable, "-m", "lnmirrorfs", *argv], capture_output=True,
                               text=True, cwd=REPO)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and "--help" in proc.stderr, proc.stderr
