@@ -275,7 +275,9 @@ class Volume:
         if writable:
             volume.term = choice.new_term()
             volume._set_quorum(options.quorum)
-            trio.run(volume._catch_up, views)
+            lagging = volume._lagging(views)
+            if lagging:
+                trio.run(volume._catch_up, lagging)
         return volume
 
     def _start(self, views: list[statechoice.View]) -> None:
@@ -307,17 +309,20 @@ class Volume:
             raise VolumeError(f"quorum {wanted} must be between k={self.k} and n={self.n}")
         self.wanted_quorum = wanted
 
-    async def _catch_up(self, views: list[statechoice.View]) -> None:
-        """Bring replicas that are only behind (or hold never-acknowledged records of an
-        old mount) to the served state: exactly the blocks they lack, then the snapshot."""
-        from .scrub import catch_up  # scrub builds on the volume, not the other way round
+    def _lagging(self, views: list[statechoice.View]) -> dict:
+        """Replicas that are only behind (or hold never-acknowledged records of an old
+        mount) and whose own records since the fork are all in their log: catchable."""
         lagging = {}
         for r, view in zip(self.replicas, views, strict=True):
             verdict = self.choice.verdicts[view.name]
             if r.state == STALE and view.loaded and verdict.fork >= view.loaded.snapshot_seq:
                 lagging[r] = (verdict.fork, view.loaded.touched)
-        if lagging:
-            await catch_up(self, lagging)
+        return lagging
+
+    async def _catch_up(self, lagging: dict) -> None:
+        """Bring them to the served state: exactly the blocks they lack, then the snapshot."""
+        from .scrub import catch_up  # scrub builds on the volume, not the other way round
+        await catch_up(self, lagging)
 
     def check_quorum(self) -> None:
         """Refuse to serve writes that could never be acknowledged (a mount would only

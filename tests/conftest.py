@@ -68,6 +68,11 @@ class VolumeDirs:
             out += ["--replica", str(r)]
         return out + ["--key-file", str(self.key)]
 
+    def mount_command(self, name: str = "mnt") -> list[str]:
+        """A foreground mount of every replica, for tests that expect it to be refused."""
+        (self.root / name).mkdir(exist_ok=True)
+        return MOUNT + [str(self.root / name), "-f"] + self.replica_args()
+
     def mount(self, *extra: str, replicas: list[Path] | None = None, name: str = "mnt") -> Mount:
         m = Mount(self.root / name, self.replica_args(replicas) + list(extra))
         m.start()
