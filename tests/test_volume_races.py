@@ -4,8 +4,10 @@ directories: each would lose or reuse a record if the code still had it."""
 from __future__ import annotations
 
 import stat
+import threading
 
 import trio
+import trio.testing
 
 from conftest import make_volume
 from lnmirrorfs import codec
@@ -35,9 +37,15 @@ async def test_partial_write_racing_a_commit_of_the_same_block_loses_nothing(tmp
         await volume.write(node.ino, 0, b"N" * bs)
         await volume.sync(node.ino)
 
+    hold = threading.Event()  # the replica workers wait here: a slow disk, deterministically
+    for r in volume.online:
+        r.worker.submit(hold.wait, lambda result, error: None)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(volume.write, node.ino, 10, b"x")  # reads block 0, waits
-        nursery.start_soon(other_writer)
+        nursery.start_soon(volume.write, node.ino, 10, b"x")  # reads block 0: queued
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(other_writer)  # buffers block 0 whole, its commit queued behind
+        await trio.testing.wait_all_tasks_blocked()
+        hold.set()
     await volume.sync(node.ino)
     volume.cache.clear()
     got = await volume.read(node.ino, 0, bs)
