@@ -156,6 +156,7 @@ class Replica:
     _unsynced_files: set[int] = field(default_factory=set)
     _lock_fd: int | None = None
     header_damage: str = ""   # why the header was refused: scrub rewrites it
+    last_seq: int | None = None  # the last record durably on this replica, when known
 
     # ---- creation and opening ----
 
@@ -473,7 +474,8 @@ class Replica:
         if created:
             fsync_dir(self.data_path)
 
-    def commit(self, slots: list[tuple[int, int, bytes]], record: bytes, inline: bool) -> None:
+    def commit(self, slots: list[tuple[int, int, bytes]], record: bytes, inline: bool,
+               seq: int) -> None:
         """Write the slots, then append the record and sync the log: the commit point.
 
         An inline record carries the slots' bytes itself, so one fdatasync (of the log)
@@ -488,6 +490,7 @@ class Replica:
             self.counters.write += 1
             self.mark(FAULTED, f"write failed: {exc.strerror or exc}")
             raise
+        self.last_seq = seq
 
     def read_shares(self, wanted: list[tuple[int, int, int]], size: int) -> list[bytes]:
         """read_slots for serving reads: only from an online replica, errors counted."""
@@ -510,8 +513,9 @@ class Replica:
             out.append(b"" if fd is None else os.pread(fd, size, format.slot_offset(block, slot, size)))
         return out
 
-    def rejoin(self) -> None:
+    def rejoin(self, seq: int) -> None:
         """Back in service after a heal gave it the current snapshot and an empty log."""
+        self.last_seq = seq
         if self._log_fd is None:
             self.open_log(0)
         self.state, self.reason = ONLINE, ""

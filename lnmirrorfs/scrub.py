@@ -280,7 +280,7 @@ def _blocks_since(tree: Tree, fork: int, touched: Touched) -> dict[int, list[int
 
 def _install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
     r.write_snapshot(volume.keys, volume.tree, sealed)
-    r.rejoin()
+    r.rejoin(volume.tree.seq)
 
 
 def tree_digest(tree: Tree) -> bytes:

@@ -110,8 +110,7 @@ def decide(views: list[View], n: int, k: int) -> Choice:
     served = source.loaded.tree
     commit = _check_commits(readable, source)
     forks = {v.name: fork_point(v.loaded.tree, served) for v in healthy}
-    vouching = [v for v in healthy
-                if forks[v.name] >= commit and not _blamed_by(served, v.index, commit)]
+    vouching = [v for v in healthy if _vouches(v, served, forks[v.name], commit)]
     choice = Choice(source, _serve_point(views, vouching, forks, served, commit, n, k), commit,
                     max_term=max(max(v.loaded.max_term, v.loaded.tree.term) for v in readable))
     for v in views:
@@ -165,6 +164,21 @@ def _check_commits(readable: list[View], source: View) -> int:
                 "for you: restore each alone, keep the right one, replace the others")
         commit = max(commit, point)
     return commit
+
+
+def _vouches(v: View, served: Tree, fork: int, commit: int) -> bool:
+    """Can this replica count toward the n - W + 1 that prove the served state is the latest?
+
+    The proof is pigeonhole: any acknowledged record is on W replicas, so n - W + 1 genuine
+    replicas include one that holds it (and the freshest log then holds it too).  Being
+    behind does not spoil that; being an old copy does, and an old copy shows itself by
+    lacking records known acknowledged.  A replica that lacks some counts only if the
+    served state explains the lag: it was blamed, and its log ends exactly where the
+    writer stopped sending to it."""
+    if fork >= commit:
+        return True
+    since = served.blamed_since.get(v.index)
+    return since is not None and fork == v.loaded.tree.seq == since - 1
 
 
 def _blamed_by(tree: Tree, index: int | None, upto: int) -> bool:

@@ -144,6 +144,7 @@ class Tree:
         self.inodes: dict[int, Inode] = {}
         self.blame: dict[int, str] = {}
         self.blamed_at: dict[int, int] = {}   # the record that blamed each share
+        self.blamed_since: dict[int, int] = {}  # the first record it lacks, when known
         self.error_counts: dict[int, dict[str, int]] = {}  # per share index, across mounts
         self.last_scrub: dict = {}
 
@@ -275,10 +276,13 @@ class Tree:
     def _op_blame(self, seq: int, op: dict) -> None:
         self.blame[op["replica"]] = op["reason"]
         self.blamed_at[op["replica"]] = seq
+        if op.get("since") is not None:
+            self.blamed_since[op["replica"]] = op["since"]
 
     def _op_absolve(self, seq: int, op: dict) -> None:
         self.blame.pop(op["replica"], None)
         self.blamed_at.pop(op["replica"], None)
+        self.blamed_since.pop(op["replica"], None)
 
     def _op_errors(self, seq: int, op: dict) -> None:
         self.error_counts[op["replica"]] = op["counts"]
@@ -312,6 +316,7 @@ class Tree:
                "next_ino": self.next_ino, "block_size": self.block_size,
                "blame": {str(k): v for k, v in self.blame.items()},
                "blamed_at": {str(k): v for k, v in self.blamed_at.items()},
+               "blamed_since": {str(k): v for k, v in self.blamed_since.items()},
                "errors": {str(k): v for k, v in self.error_counts.items()},
                "last_scrub": self.last_scrub,
                "inodes": [n.to_json() for n in self.inodes.values()]}
@@ -330,6 +335,7 @@ class Tree:
             tree.next_ino = doc["next_ino"]
             tree.blame = {int(k): v for k, v in doc["blame"].items()}
             tree.blamed_at = {int(k): v for k, v in doc["blamed_at"].items()}
+            tree.blamed_since = {int(k): v for k, v in doc["blamed_since"].items()}
             tree.error_counts = {int(k): v for k, v in doc["errors"].items()}
             tree.last_scrub = doc["last_scrub"]
             for d in doc["inodes"]:

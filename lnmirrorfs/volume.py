@@ -237,14 +237,15 @@ class Volume:
 
     @classmethod
     def open(cls, paths: list[str], master: bytes, options: Options | None = None,
-             writable: bool = True) -> Volume:
+             writable: bool = True, serving: bool = False) -> Volume:
         """Open the replica set and choose the state to serve (statechoice).  Read-only
-        opens change no byte on any replica; writable ones catch up the replicas that
-        lag (exactly the blocks they lack) and start a new term."""
+        opens change no byte on any replica; writable ones catch up the replicas that lag
+        (exactly the blocks they lack) and start a new term.  `serving` (a mount) refuses,
+        before changing anything, when fewer than W replicas could be writable."""
         options = options or Options()
         replicas, keys = open_replicas(paths, master)
         try:
-            return cls._open(replicas, keys, options, writable)
+            return cls._open(replicas, keys, options, writable, serving)
         except BaseException:
             for r in replicas:  # a refused open leaves no lock and no thread behind
                 r.close(options.deadline)
@@ -252,7 +253,7 @@ class Volume:
 
     @classmethod
     def _open(cls, replicas: list[Replica], keys: codec.Keys, options: Options,
-              writable: bool) -> Volume:
+              writable: bool, serving: bool) -> Volume:
         header = next(r.header for r in replicas if r.header)
         views = [_view(r, keys) for r in replicas]
         try:
@@ -266,16 +267,18 @@ class Volume:
             verdict = choice.verdicts[view.name]
             if r.header is not None:
                 r.state, r.reason = verdict.state, verdict.reason
-        if writable:
-            _rewrite_damaged_headers(replicas, views, keys)
         volume = cls(replicas, keys, choice.tree, options)
         volume.choice, volume.writable = choice, writable
+        volume._set_quorum(options.quorum)
+        lagging = volume._lagging(views) if writable else {}
+        if serving:
+            volume.check_quorum(can_join=len(lagging))
+        if writable:
+            _rewrite_damaged_headers(replicas, views, keys)
         volume.committed = choice.commit
         volume._start(views)
         if writable:
             volume.term = choice.new_term()
-            volume._set_quorum(options.quorum)
-            lagging = volume._lagging(views)
             if lagging:
                 trio.run(volume._catch_up, lagging)
         return volume
@@ -291,6 +294,7 @@ class Volume:
             if r.state != ONLINE:
                 continue
             self.log_bytes = max(self.log_bytes, view.loaded.log_end)
+            r.last_seq = self.tree.seq
             if not self.writable:
                 r.overlay = view.loaded.redo
                 continue
@@ -324,10 +328,11 @@ class Volume:
         from .scrub import catch_up  # scrub builds on the volume, not the other way round
         await catch_up(self, lagging)
 
-    def check_quorum(self) -> None:
+    def check_quorum(self, can_join: int = 0) -> None:
         """Refuse to serve writes that could never be acknowledged (a mount would only
-        give lightningd EIO on its first commit); scrub, which heals, does not ask."""
-        usable = len(self.online)
+        give lightningd EIO on its first commit); scrub, which heals, does not ask.
+        `can_join`: lagging replicas a catch-up is about to bring in."""
+        usable = len(self.online) + can_join
         if usable < self.commit_quorum():
             problems = "; ".join(f"{r.path} is {r.state} ({r.reason})" for r in self.replicas
                                  if r.state != ONLINE)
@@ -449,7 +454,7 @@ class Volume:
         # would reuse its number.  run_jobs is bounded by the deadline.
         with trio.CancelScope(shield=True):
             done = await self.run_jobs(
-                [(r, partial(r.commit, slots[r.index], records[r.index], inline))
+                [(r, partial(r.commit, slots[r.index], records[r.index], inline, seq))
                  for r in self.online], need)
             self.stats["commits"] += 1
             if len(done) < need:
@@ -491,12 +496,14 @@ class Volume:
         no records from now on); absolve healed ones."""
         ops = []
         online = {r.index for r in self.replicas if r.header is not None and r.state == ONLINE}
-        known = {r.index: r.reason for r in self.replicas if r.header is not None}
+        known = {r.index: r for r in self.replicas if r.header is not None}
         for index in range(self.n):
             blamed = index in self.tree.blame
             if index not in online and not blamed:
-                ops.append({"op": "blame", "replica": index,
-                            "reason": known.get(index) or "missing at mount"})
+                r = known.get(index)
+                since = None if r is None or r.last_seq is None else r.last_seq + 1
+                ops.append({"op": "blame", "replica": index, "since": since,
+                            "reason": (r.reason if r else "") or "missing at mount"})
             elif index in online and blamed:
                 ops.append({"op": "absolve", "replica": index})
         return ops

@@ -114,10 +114,10 @@ def volume_options(args: argparse.Namespace) -> Options:
 
 
 def open_volume(replicas: list[str], key_file: str | None, options: Options,
-                writable: bool = True) -> Volume:
+                writable: bool = True, serving: bool = False) -> Volume:
     master = resolve_key(replicas, key_file)
     try:
-        return Volume.open(replicas, master, options, writable=writable)
+        return Volume.open(replicas, master, options, writable=writable, serving=serving)
     except VolumeError as exc:
         raise CliError(str(exc)) from None
 

@@ -113,7 +113,7 @@ def mount(parsed: argparse.Namespace) -> int:
 
 def _open_for_mount(args: argparse.Namespace, mountpoint: str) -> Volume:
     args.daemon_lock = hold_daemon_lock(mountpoint)  # kept open until this process exits
-    volume = open_volume(args.replica, args.key_file, volume_options(args))
+    volume = open_volume(args.replica, args.key_file, volume_options(args), serving=True)
     try:
         volume.check_quorum()
     except VolumeError as exc:
