@@ -39,7 +39,7 @@ BLOCK_SIZES = (4096, 65536)
 SHAPES = ((1, 2), (2, 3), (3, 5))
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "codec.json"
 VOLUME_ID = bytes(range(16))
-FILE_ID, BLOCK_INDEX, GEN = 42, 7, 1
+FILE_ID, BLOCK_INDEX, GEN, TERM = 42, 7, 1, 1 << 32
 
 
 def time_loop(fn, min_seconds: float) -> tuple[int, float]:
@@ -58,21 +58,22 @@ def time_loop(fn, min_seconds: float) -> tuple[int, float]:
 
 def measure_cell(keys: codec.Keys, k: int, n: int, block_size: int, min_seconds: float) -> dict:
     plaintext = os.urandom(block_size)
-    pairs = codec.encode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, plaintext)
+    pairs = codec.encode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, TERM, plaintext)
     shares = [share for _, share in pairs]
     data_shares = {i: shares[i] for i in range(k)}
     parity_shares = {i: shares[i] for i in range(n - k, n)}
     for subset in (data_shares, parity_shares):
-        got = codec.decode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, subset, block_size)
+        got = codec.decode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, TERM, subset,
+                                 block_size)
         if got != plaintext:
             raise RuntimeError(f"decode_block round trip failed for k={k} n={n} bs={block_size}")
 
     def encode() -> None:
-        codec.encode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, plaintext)
+        codec.encode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, TERM, plaintext)
 
     def decoder(subset: dict[int, bytes]):
         def decode() -> None:
-            codec.decode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, subset, block_size)
+            codec.decode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, TERM, subset, block_size)
         return decode
 
     cell = {"k": k, "n": n, "block_size": block_size,
