@@ -279,6 +279,9 @@ def _blocks_since(tree: Tree, fork: int, touched: Touched) -> dict[int, list[int
 
 
 def _install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
+    if r.header_damage:  # its share index was inferred at open: write it down now
+        r.write_header(volume.keys)
+        r.header_damage = ""
     r.write_snapshot(volume.keys, volume.tree, sealed)
     r.rejoin(volume.tree.seq)
 
