@@ -293,7 +293,7 @@ class Replica:
                 raw = f.read()
         except (OSError, format.FormatError, codec.CodecError, TreeError) as exc:
             raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
-        loaded = Loaded(tree, 0, 0, {}, snapshot_seq=tree.seq, commit=tree.seq,
+        loaded = Loaded(tree, 0, 0, {}, snapshot_seq=tree.seq, commit=tree.commit,
                         max_term=tree.term, max_seq=tree.seq)
         pos = 0
         while (frame := format.frame_at(raw, pos)) is not None:
@@ -307,7 +307,7 @@ class Replica:
                 ops = decode_ops(codec.open_record(keys, vol, format.LOG_KIND, head.context(),
                                                    frame.sealed))
                 slots = self._inline_slots(keys, head, ops, frame.inline)
-                tree.apply(head.seq, head.term, head.time_ms, ops)
+                tree.apply(head.seq, head.term, head.time_ms, ops, head.commit)
             except (codec.CodecError, TreeError, ValueError, KeyError, TypeError):
                 break
             loaded.redo.update(slots)

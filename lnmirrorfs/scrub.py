@@ -26,7 +26,7 @@ from functools import partial
 import trio
 
 from . import codec, format
-from .replica import FAULTED, ONLINE, STALE, Replica, ReplicaError, seal_snapshot, unlink_quietly
+from .replica import FAULTED, ONLINE, STALE, Replica, ReplicaError, unlink_quietly
 from .tree import HOLE, Tree, entry_gen, entry_slot
 from .volume import Volume, VolumeError
 
@@ -205,7 +205,7 @@ async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_s
     if dry_run:
         report.healed_replicas += [f"{r.path} (would heal: {r.state}, {r.reason})" for r in lagging]
         return
-    sealed = seal_snapshot(volume.keys, volume.volume_id, volume.tree)
+    sealed = volume.seal_snapshot()
     done = await volume.run_jobs([(r, partial(_install_snapshot, volume, r, sealed)) for r in lagging],
                              len(lagging))
     for r in lagging:
@@ -247,7 +247,7 @@ async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Touched]]) 
                     report.unrepairable[:1] or ["a write failed"])
             else:
                 ready.append(r)
-        sealed = seal_snapshot(volume.keys, volume.volume_id, volume.tree)
+        sealed = volume.seal_snapshot()
         done = await volume.run_jobs([(r, partial(_install_snapshot, volume, r, sealed))
                                       for r in ready], len(ready))
         for r in ready:
@@ -287,7 +287,7 @@ def _install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
 
 
 def tree_digest(tree: Tree) -> bytes:
-    return hashlib.blake2b(tree.dump(), digest_size=16).digest()
+    return hashlib.blake2b(tree.dump(with_commit=False), digest_size=16).digest()
 
 
 async def _check_metadata(volume: Volume, targets: list[Replica], report: Report,
@@ -303,7 +303,7 @@ async def _check_metadata(volume: Volume, targets: list[Replica], report: Report
             continue
         report.metadata_repaired.append(r.path)
         if not dry_run:
-            sealed = sealed or seal_snapshot(volume.keys, volume.volume_id, volume.tree)
+            sealed = sealed or volume.seal_snapshot()
             await volume.run_jobs([(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
 
 

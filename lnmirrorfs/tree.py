@@ -140,6 +140,7 @@ class Tree:
         self.time_ms = 0
         self.terms: list[tuple[int, int]] = [(0, 0)]
         self.quorum = 0                     # W, the write quorum; set at init, changed by ops
+        self.commit = 0                     # highest record known acknowledged in this state
         self.next_ino = ROOT_INO + 1
         self.inodes: dict[int, Inode] = {}
         self.blame: dict[int, str] = {}
@@ -183,7 +184,7 @@ class Tree:
 
     # ---- changing ----
 
-    def apply(self, seq: int, term: int, time_ms: int, ops: list[dict]) -> None:
+    def apply(self, seq: int, term: int, time_ms: int, ops: list[dict], commit: int = 0) -> None:
         if seq != self.seq + 1:
             raise TreeError(f"record {seq} does not follow {self.seq}")
         if term < self.term:
@@ -196,6 +197,7 @@ class Tree:
         if term != self.term:
             self.terms.append((seq, term))
         self.seq, self.term, self.time_ms = seq, term, time_ms
+        self.commit = max(self.commit, commit)
 
     def _op_mknod(self, seq: int, op: dict) -> None:
         now = op["time"]
@@ -310,9 +312,12 @@ class Tree:
 
     # ---- snapshot serialization ----
 
-    def dump(self) -> bytes:
+    def dump(self, with_commit: bool = True) -> bytes:
+        """The whole state, compressed.  Without the commit point (which replicas may know
+        to different heights) two dumps compare the states themselves."""
         doc = {"seq": self.seq, "term": self.term, "time_ms": self.time_ms,
                "terms": self.terms, "quorum": self.quorum,
+               "commit": self.commit if with_commit else None,
                "next_ino": self.next_ino, "block_size": self.block_size,
                "blame": {str(k): v for k, v in self.blame.items()},
                "blamed_at": {str(k): v for k, v in self.blamed_at.items()},
@@ -332,6 +337,7 @@ class Tree:
             tree.time_ms = doc["time_ms"]
             tree.terms = [(first, term) for first, term in doc["terms"]]
             tree.quorum = doc["quorum"]
+            tree.commit = doc["commit"]
             tree.next_ino = doc["next_ino"]
             tree.blame = {int(k): v for k, v in doc["blame"].items()}
             tree.blamed_at = {int(k): v for k, v in doc["blamed_at"].items()}

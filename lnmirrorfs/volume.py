@@ -459,7 +459,7 @@ class Volume:
             self.stats["commits"] += 1
             if len(done) < need:
                 self._lose_quorum(seq, len(done), need, write_ops)
-            self.tree.apply(seq, head.term, head.time_ms, ops)
+            self.tree.apply(seq, head.term, head.time_ms, ops, head.commit)
             self._acknowledged(seq)
             self._settle_inflight(inos)
             for node in freed:
@@ -545,9 +545,16 @@ class Volume:
             for index, data in self.inflight.pop(ino, {}).items():
                 dirty.setdefault(index, bytearray(data))
 
+    def seal_snapshot(self) -> bytes:
+        """The current tree, sealed, with the highest record known acknowledged: a snapshot
+        may hold records not yet acknowledged (a catch-up at open), so its own record
+        number proves nothing."""
+        self.tree.commit = max(self.tree.commit, self.committed)
+        return seal_snapshot(self.keys, self.volume_id, self.tree)
+
     async def snapshot(self) -> None:
         """Write the whole tree to every online replica and empty their logs."""
-        sealed = seal_snapshot(self.keys, self.volume_id, self.tree)
+        sealed = self.seal_snapshot()
         targets = self.online
         await self.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))
                          for r in targets], len(targets))
