@@ -25,8 +25,7 @@ async def _writeback(volume: Volume) -> None:
     """Like the kernel's dirty writeback: buffered data reaches the replicas within seconds."""
     while True:
         await trio.sleep(WRITEBACK_SECONDS)
-        volume.check_deadlines()
-        volume.report_changes()
+        await volume.probe()  # faults a vanished or hung replica while the node is idle
         if (volume.dirty or volume.unused) and not volume.suspended:
             try:
                 await volume.sync()
@@ -48,7 +47,7 @@ def _control_handler(volume: Volume) -> control.Handler:
     async def handle(request: dict) -> dict:
         command = request.get("cmd")
         if command == "status":
-            return volume.status() | logsetup.target()
+            return (await volume.status()) | logsetup.target()
         if command == "scrub":
             dry_run, rate = request.get("dry_run", False), request.get("rate")
             if not isinstance(dry_run, bool) and dry_run is not None:

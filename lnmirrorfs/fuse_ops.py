@@ -256,7 +256,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx):
-        total, free = self.volume.statfs()
+        total, free = await self.volume.statfs()
         bs = self.volume.block_size
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = bs

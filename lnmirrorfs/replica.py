@@ -550,9 +550,11 @@ class Replica:
         return [int(name, 16) for name in os.listdir(self.data_path)
                 if len(name) == 16 and all(c in "0123456789abcdef" for c in name)]
 
-    def free_bytes(self) -> int:
+    def probe(self) -> tuple[int, int]:
+        """(total, free) bytes of the replica's filesystem, if its directory is there."""
+        self._check_online()
         st = os.statvfs(self.path)
-        return st.f_bavail * st.f_frsize
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
     def _check_online(self) -> None:
         if self.state == FAULTED:
@@ -560,11 +562,8 @@ class Replica:
         if not os.path.isdir(self.data_path):
             raise OSError(errno.ENOENT, "replica directory vanished")
 
-    def status(self) -> dict:
-        try:
-            free = self.free_bytes()
-        except OSError:
-            free = None
+    def status(self, free: int | None) -> dict:
+        """What `lnmirror status` shows of it; `free` comes from a probe (None: no answer)."""
         return {"path": self.path, "index": self.index if self.header else None,
                 "state": self.state, "reason": self.reason, "free_bytes": free,
                 "header_damage": self.header_damage,

@@ -964,18 +964,19 @@ class Volume:
             async with self.lock:
                 await self.commit(ops)
 
-    def statfs(self) -> tuple[int, int]:
+    async def probe(self) -> dict[Replica, tuple[int, int]]:
+        """Ask every online replica, in its own worker and within the deadline, that its
+        directory is there and how big its filesystem is: a vanished or hung replica is
+        FAULTED while the node is idle, and no statvfs ever runs on the event loop."""
+        return await self.run_jobs([(r, r.probe) for r in self.online], len(self.online))
+
+    async def statfs(self) -> tuple[int, int]:
         """(total, free) logical bytes: limited by the fullest replica; shares are 1/k of a block."""
-        sizes = []
-        for r in self.online:
-            try:
-                st = os.statvfs(r.path)
-            except OSError:
-                continue
-            sizes.append((st.f_blocks * st.f_frsize * self.k, st.f_bavail * st.f_frsize * self.k))
+        sizes = [(total * self.k, free * self.k) for total, free in (await self.probe()).values()]
         return min(sizes, default=(0, 0), key=lambda s: s[1])
 
-    def status(self) -> dict:
+    async def status(self) -> dict:
+        free = {r: space[1] for r, space in (await self.probe()).items()}
         self.check_deadlines()
         self.report_changes()
         healthy = all(r.state == ONLINE for r in self.replicas)
@@ -988,5 +989,5 @@ class Volume:
                 "blamed": {str(i): why for i, why in self.tree.blame.items()},
                 "bad_shares": len(self.bad_shares), "stats": dict(self.stats),
                 "last_scrub": self.tree.last_scrub,
-                "replicas": [r.status() for r in self.replicas]}
+                "replicas": [r.status(free.get(r)) for r in self.replicas]}
 

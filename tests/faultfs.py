@@ -128,9 +128,11 @@ class FaultFS(pyfuse3.Operations):
         return os.path.join(self._path(parent), os.fsdecode(name))
 
     async def lookup(self, parent_inode, name, ctx):
+        await self._gate("meta")  # a hung NAS hangs stat() too
         return self._attr(self._child(parent_inode, name))
 
     async def getattr(self, inode, ctx):
+        await self._gate("meta")
         return self._attr(self._path(inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -205,6 +207,7 @@ class FaultFS(pyfuse3.Operations):
         await self._gate("fsync")
 
     async def statfs(self, ctx):
+        await self._gate("meta")
         st = os.statvfs(self.backing)
         s = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -95,3 +96,42 @@ def test_stalled_replica_below_quorum_gives_eio_not_a_hang(tmp_path):
         for mount in v.mounts:
             mount.kill()
         fs.stop()
+
+
+def test_hung_replica_never_holds_up_df_status_or_writes(faulty_volume):
+    """Replica C hangs in every call, statvfs and stat included (a NAS that stopped
+    answering): df, status and writes on the mount still return within the deadline."""
+    v, fs = faulty_volume
+    m = v.mount("--deadline", str(DEADLINE))
+    workload.run(str(m.path), 5)
+    fs.set(stall=True)
+    for command in (["df", str(m.path)], ["stat", "-f", str(m.path)]):
+        started = time.monotonic()
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+        assert time.monotonic() - started < DEADLINE + 2, command
+    started = time.monotonic()
+    status = json.loads(m.status("--json").stdout)
+    assert time.monotonic() - started < DEADLINE + 3
+    assert [r["state"] for r in status["replicas"]] == ["ONLINE", "ONLINE", "FAULTED"]
+    started = time.monotonic()
+    workload.run(str(m.path), 5)
+    assert time.monotonic() - started < 10 * DEADLINE
+    fs.set()
+    proc = lnmirror("scrub", str(m.path), "--json", check=False)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["healed_replicas"], proc.stdout
+    assert m.unmount() == 0
+
+
+def test_idle_probe_sees_a_vanished_replica(make_vol, tmp_path):
+    v = make_vol(n=3, k=1)
+    m = v.mount()
+    (m.path / "f").write_text("x")
+    os.rename(v.replicas[2], tmp_path / "gone")
+    deadline = time.monotonic() + 15  # the probe runs every 5 s, with no write to notice it
+    while "faulted" not in m.output():  # nothing asks the mount anything meanwhile
+        assert time.monotonic() < deadline, "an idle mount did not notice a vanished replica"
+        time.sleep(0.5)
+    assert json.loads(m.status("--json").stdout)["replicas"][2]["state"] == "FAULTED"
+    assert m.status().returncode == 1
+    os.rename(tmp_path / "gone", v.replicas[2])
+    assert m.unmount() == 0

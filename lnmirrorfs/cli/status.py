@@ -11,6 +11,8 @@ import socket
 import threading
 import time
 
+import trio
+
 from .. import control, format
 from .common import CliError, daemon_lock_held, open_volume, volume_options
 
@@ -35,7 +37,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif args.replica:
         volume = open_volume(args.replica, args.key_file, volume_options(args), writable=False)
         try:
-            status = volume.status()
+            status = trio.run(volume.status)
         finally:
             volume.close()
     else:
