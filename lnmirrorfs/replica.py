@@ -318,7 +318,7 @@ class Replica:
             loaded.log_records += 1
         if upto is None:
             self._look_behind(keys, raw, pos, loaded)
-        loaded.redo = {key: raw for key, raw in loaded.redo.items() if _still_current(tree, key, raw)}
+        loaded.redo = {key: raw for key, raw in loaded.redo.items() if still_current(tree, key, raw)}
         return loaded
 
     def _authentic(self, keys: codec.Keys, frame: format.Frame) -> bool:
@@ -578,7 +578,8 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def _still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:
+def still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:
+    """Does the tree still point at this slot with this generation?"""
     ino, block, slot = key
     node = tree.inodes.get(ino)
     gen = format.unpack_slot(raw)[0]

@@ -26,7 +26,16 @@ from functools import partial
 import trio
 
 from . import codec, format
-from .replica import FAULTED, ONLINE, STALE, Replica, ReplicaError, unlink_quietly
+from .replica import (
+    FAULTED,
+    ONLINE,
+    STALE,
+    Loaded,
+    Replica,
+    ReplicaError,
+    still_current,
+    unlink_quietly,
+)
 from .tree import HOLE, Tree, entry_gen, entry_slot
 from .volume import Volume, VolumeError
 
@@ -219,20 +228,27 @@ async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_s
 Touched = list[tuple[int, list[tuple[int, int]]]]
 
 
-async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Touched]]) -> None:
+async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Loaded]]) -> None:
     """Bring replicas that only lag to the served state with exactly the blocks they lack,
     then the current snapshot (as ZFS resilvers by birth txg, or DRBD by its bitmap).
 
     A replica that shares the served log up to record `fork` holds every block born at or
     before it, except those its own later (never acknowledged) records overwrote: it gets
-    the blocks born after the fork and those, verified and rebuilt from k good shares."""
+    the blocks born after the fork and those, verified and rebuilt from k good shares.
+    First its own log's inline slots that the served state still uses are redone: a power
+    cut may have lost them from its data files, and its log is about to be replaced."""
     targets = _scrub_targets(volume)
     report = Report()
     async with volume.lock:
         ready = []
         rewritten: dict[Replica, int] = {}
-        for r, (fork, touched) in lagging.items():
-            wanted = _blocks_since(volume.tree, fork, touched)
+        for r, (fork, loaded) in lagging.items():
+            redo = {key: raw for key, raw in loaded.redo.items()
+                    if format.unpack_slot(raw)[0] <= fork and still_current(volume.tree, key, raw)}
+            if redo and not await volume.run_jobs([(r, partial(r.apply_redo, redo))], 1):
+                r.state, r.reason = FAULTED, "could not be caught up: redo of its log failed"
+                continue
+            wanted = _blocks_since(volume.tree, fork, loaded.touched)
             failed = False
             before = report.repaired_shares
             for ino, blocks in sorted(wanted.items()):

@@ -320,7 +320,7 @@ class Volume:
         for r, view in zip(self.replicas, views, strict=True):
             verdict = self.choice.verdicts[view.name]
             if r.state == STALE and view.loaded and verdict.fork >= view.loaded.snapshot_seq:
-                lagging[r] = (verdict.fork, view.loaded.touched)
+                lagging[r] = (verdict.fork, view.loaded)
         return lagging
 
     async def _catch_up(self, lagging: dict) -> None:
