@@ -61,6 +61,9 @@ def cmd_init(args: argparse.Namespace) -> int:
           f"{default_quorum(k, n)}, block size {args.block_size}")
     for index, path in enumerate(args.replica):
         print(f"  replica {index}: {path}")
+    if n == 2 and k == 1:
+        print("two replicas: every fsync waits for both, so either one failing makes "
+              "writes fail (EIO) until it is back; a third replica keeps writing through one fault")
     print(f"key file: {key_path} (mode 0400)")
     print("paper key, write it down and keep it apart from the replicas "
           "(without it nothing can be restored):")
