@@ -69,6 +69,8 @@ def _control_handler(volume: Volume) -> control.Handler:
 
 
 async def _main(volume: Volume, control_path: str, mountpoint: str) -> None:
+    async with volume.lock:
+        await volume.start_term()  # before serving: the first change pays no extra record
     await volume.free_orphans()
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, control_path, _control_handler(volume))

@@ -426,21 +426,41 @@ class Volume:
     async def commit(self, ops: list[dict], inos: Iterable[int] = ()) -> None:
         """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
         inos = list(inos)
-        if self.suspended:
-            raise fail(errno.EIO, self.suspended)
-        if not self.writable:
-            raise fail(errno.EROFS, "volume opened read-only")
+        self._check_writable()
+        if not (ops or any(self.dirty.get(i) for i in inos) or self.unused or self._blame_ops()
+                or self.wanted_quorum):
+            return
+        await self.start_term()
         seq = self.tree.seq + 1
         freed = self._take_unused()
         for node in freed:
             self.dirty.pop(node.ino, None)
         slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
         write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
-        ops = (self._blame_ops() + [{"op": "free", "ino": n.ino} for n in freed]
+        ops = (self._quorum_ops() + self._blame_ops() + [{"op": "free", "ino": n.ino} for n in freed]
                + write_ops + ops)
-        if not ops:
-            return
-        ops = self._term_ops() + ops
+        await self._write_record(seq, ops, slots, inos)
+        for node in freed:
+            self._forget(node)
+
+    async def start_term(self) -> None:
+        """The first record of a writable open holds nothing but its term, and must reach W
+        replicas before anything else is written: then no later open can pick the same term
+        number without seeing it, and an open whose start failed left nothing but that."""
+        self._check_writable()
+        if not self.term_started:
+            await self._write_record(self.tree.seq + 1, [{"op": "term", "term": self.term}],
+                                     [[] for _ in range(self.n)], [])
+
+    def _check_writable(self) -> None:
+        if self.suspended:
+            raise fail(errno.EIO, self.suspended)
+        if not self.writable:
+            raise fail(errno.EROFS, "volume opened read-only")
+
+    async def _write_record(self, seq: int, ops: list[dict], slots: list[list],
+                            inos: list[int]) -> None:
+        """Seal one record, hand it to every online replica, wait for W, apply it."""
         need = self.commit_quorum()
         head = format.RecordHead(seq, self.term, self.committed, time.time_ns() // 1_000_000, need)
         sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, head.context(),
@@ -458,37 +478,31 @@ class Volume:
                  for r in self.online], need)
             self.stats["commits"] += 1
             if len(done) < need:
-                self._lose_quorum(seq, len(done), need, write_ops)
+                self._lose_quorum(seq, len(done), need, inos)
             self.tree.apply(seq, head.term, head.time_ms, ops, head.commit)
             self._acknowledged(seq)
             self._settle_inflight(inos)
-            for node in freed:
-                self._forget(node)
             self.log_bytes += len(records[0])
             if self.log_bytes > self.options.snapshot_log_bytes:
                 await self.snapshot()
 
-    def _term_ops(self) -> list[dict]:
-        """The first record of an open starts its term (and logs a change of W)."""
-        if self.term_started:
-            return []
-        ops = [{"op": "term", "term": self.term}]
-        if self.wanted_quorum is not None:
-            ops.append({"op": "quorum", "w": self.wanted_quorum})
-        return ops
+    def _quorum_ops(self) -> list[dict]:
+        """A W asked for at mount is logged by the open's first record after its term."""
+        return [{"op": "quorum", "w": self.wanted_quorum}] if self.wanted_quorum else []
 
     def _acknowledged(self, seq: int) -> None:
         self.committed = seq
         self.term_started = True
         self.quorum = self.tree.quorum
-        self.wanted_quorum = None
+        if self.wanted_quorum == self.quorum:
+            self.wanted_quorum = None
 
-    def _lose_quorum(self, seq: int, answered: int, need: int, write_ops: list[dict]) -> None:
+    def _lose_quorum(self, seq: int, answered: int, need: int, inos: list[int]) -> None:
         self.suspended = (f"write quorum lost at record {seq}: {answered} of the needed "
                           f"{need} replicas answered")
         log.error("%s; further changes fail with EIO until remount", self.suspended)
         self.on_event("quorum-lost", "", self.suspended)
-        self._requeue_inflight([op["ino"] for op in write_ops])
+        self._requeue_inflight(inos)
         raise fail(errno.EIO, self.suspended)
 
     def _blame_ops(self) -> list[dict]:
