@@ -35,7 +35,7 @@ from pathlib import Path
 import trio
 
 from lnmirrorfs import codec, format, scrub
-from lnmirrorfs.replica import ONLINE, Replica
+from lnmirrorfs.replica import DELETED_SUFFIX, ONLINE, Replica
 from lnmirrorfs.tree import Tree
 from lnmirrorfs.volume import Options, Volume, VolumeError, default_quorum
 
@@ -471,9 +471,9 @@ class History:
 
     def maybe_power_cut(self) -> None:
         """A power cut of one replica's filesystem right after the kill: slots written
-        since its last sync are dropped or torn, data files created since are gone.  Log
-        records were synced before they counted, so they survive (a torn in-flight one
-        is the commit's fate)."""
+        since its last sync are dropped or torn, data files created since are gone, a freed
+        file's rename to .deleted is undone.  Log records were synced before they counted,
+        so they survive (a torn in-flight one is the commit's fate)."""
         if self.rng.random() > 0.3:
             return
         index = self.rng.randrange(self.n)
@@ -487,8 +487,11 @@ class History:
         for name in sorted(created):
             if self.rng.random() < 0.5:
                 (data / name).unlink(missing_ok=True)
+        for name in sorted(self._data_files(index)):  # a freed file's rename, undone
+            if name.endswith(DELETED_SUFFIX) and self.rng.random() < 0.5:
+                os.replace(data / name, data / name[:-len(DELETED_SUFFIX)])
         size = format.slot_size(BLOCK, self.k)
-        for name in sorted(self._data_files(index)):
+        for name in sorted(n for n in self._data_files(index) if not n.endswith(DELETED_SUFFIX)):
             f = data / name
             raw = bytearray(f.read_bytes())
             for slot in range(len(raw) // size):

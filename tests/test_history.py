@@ -43,4 +43,4 @@ def test_random_histories():
 @pytest.mark.slow
 @pytest.mark.skipif(not slow_enabled(), reason="soak")
 def test_random_histories_soak():
-    _run(20000, 60)
+    _run(5000, 60)
