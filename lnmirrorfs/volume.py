@@ -601,23 +601,39 @@ class Volume:
 
     async def read_blocks(self, node: Inode, indexes: list[int]) -> dict[int, bytes]:
         """Current content of some blocks; those not at hand come from the replicas in one
-        batch per replica (a 128 KiB read costs one hop, not 32)."""
+        batch per replica (a 128 KiB read costs one hop, not 32).  A block committed anew
+        while its old version was being fetched is taken again from memory: the old one
+        must neither be returned nor poison the cache."""
         out: dict[int, bytes] = {}
-        missing = []
-        for index in indexes:
-            data = self._buffered_block(node, index)
-            if data is None:
-                missing.append(index)
-            else:
-                out[index] = data
-        if missing:
+        missing = list(indexes)
+        while missing:
+            wanted = []
+            for index in missing:
+                data = self._buffered_block(node, index)
+                if data is None:
+                    wanted.append((index, node.blocks[index]))
+                else:
+                    out[index] = data
+            if not wanted:
+                break
             fetched = await self._fetch_blocks(node.ino, [
-                (index, entry_gen(node.blocks[index]), entry_slot(node.blocks[index]))
-                for index in missing])
-            for index, data in fetched.items():
-                self._cache_put(node.ino, index, data)
-            out.update(fetched)
+                (index, entry_gen(entry), entry_slot(entry)) for index, entry in wanted])
+            missing = []
+            for index, entry in wanted:
+                if self._current_entry(node, index) == entry and not self._buffered_anew(node, index):
+                    self._cache_put(node.ino, index, fetched[index])
+                    out[index] = fetched[index]
+                else:
+                    missing.append(index)
         return out
+
+    def _current_entry(self, node: Inode, index: int) -> int:
+        return node.blocks[index] if index < len(node.blocks) else HOLE
+
+    def _buffered_anew(self, node: Inode, index: int) -> bool:
+        """Written (buffered or in flight) since: memory holds a newer version."""
+        return (self.dirty.get(node.ino, {}).get(index) is not None
+                or self.inflight.get(node.ino, {}).get(index) is not None)
 
     async def read_block(self, node: Inode, index: int) -> bytes:
         return (await self.read_blocks(node, [index]))[index]
@@ -703,24 +719,13 @@ class Volume:
         """The buffer a partial write of a block goes into, filled with its current content.
 
         Reading that content may wait for the replicas; meanwhile another write of the same
-        block may be buffered or even committed (an mmap writeback, a second handle).  What
-        was read is used only if the block is still where it was read from."""
-        while True:
-            buf = self.dirty.get(node.ino, {}).get(index)
-            if buf is not None:
-                return buf
-            before = self._block_version(node, index)
+        block may be buffered or committed (an mmap writeback, a second handle): read_block
+        returns what is current when it returns, and a buffer made meanwhile wins."""
+        buf = self.dirty.get(node.ino, {}).get(index)
+        if buf is None:
             old = await self.read_block(node, index)
-            buf = self.dirty.get(node.ino, {}).get(index)
-            if buf is not None:
-                return buf
-            if self._block_version(node, index) == before:
-                return self.dirty.setdefault(node.ino, {}).setdefault(index, bytearray(old))
-
-    def _block_version(self, node: Inode, index: int) -> tuple:
-        """What identifies a block's current content: its map entry and any copy in flight."""
-        entry = node.blocks[index] if index < len(node.blocks) else HOLE
-        return entry, id(self.inflight.get(node.ino, {}).get(index)), self.size_of(node)
+            buf = self.dirty.setdefault(node.ino, {}).setdefault(index, bytearray(old))
+        return buf
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         node = self.tree.inodes[ino]

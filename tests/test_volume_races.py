@@ -53,6 +53,39 @@ async def test_partial_write_racing_a_commit_of_the_same_block_loses_nothing(tmp
     volume.close()
 
 
+async def test_read_racing_a_commit_never_caches_the_old_block(tmp_path):
+    """A read fetches a block's old version from the replicas while a new one is committed:
+    the old one must not land in the cache over the new one (every later read would serve
+    the old content)."""
+    volume, _, _ = open_volume(tmp_path)
+    bs = volume.block_size
+    node = await volume.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(node.ino, 0, b"o" * bs)
+    await volume.sync(node.ino)
+    volume.cache.clear()
+    hold = threading.Event()
+    for r in volume.online:
+        r.worker.submit(hold.wait, lambda result, error: None)
+    first: list[bytes] = []
+
+    async def reader() -> None:
+        first.append(await volume.read(node.ino, 0, bs))
+
+    async def other_writer() -> None:
+        await volume.write(node.ino, 0, b"N" * bs)
+        await volume.sync(node.ino)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)  # fetch of the old version: queued
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(other_writer)
+        await trio.testing.wait_all_tasks_blocked()
+        hold.set()
+    assert first[0] in (b"o" * bs, b"N" * bs)
+    assert await volume.read(node.ino, 0, bs) == b"N" * bs
+    volume.close()
+
+
 async def test_cancelled_commit_is_applied_and_its_number_never_reused(tmp_path):
     """Shutdown cancels the writeback task while its commit is at the replicas: the record
     is there, so it must be in memory too, and the next record must follow it."""
