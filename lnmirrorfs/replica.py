@@ -190,8 +190,9 @@ class Replica:
                 raw = f.read(format.HEADER_SIZE + 1)
         except FileNotFoundError:
             raise ReplicaError(f"{path}: not an lnmirrorfs replica (no {format.HEADER_NAME})") from None
-        except OSError as exc:
-            raise ReplicaError(f"{path}: cannot read header: {exc.strerror}") from None
+        except OSError as exc:  # an I/O error is a fault of this replica, not of the volume
+            why = f"cannot read header: {exc.strerror}"
+            return cls(path, None, state=FAULTED, reason=why, header_damage=why)
         try:
             return cls(path, format.Header.unpack(raw))
         except format.HeaderDamaged as exc:

@@ -111,37 +111,46 @@ def decide(views: list[View], n: int, k: int) -> Choice:
     commit = _check_commits(readable, source)
     forks = {v.name: fork_point(v.loaded.tree, served) for v in healthy}
     vouching = [v for v in healthy if _vouches(v, served, forks[v.name], commit)]
-    choice = Choice(source, _serve_point(views, vouching, forks, served, commit, n, k), commit,
+    serve, dropped = _serve_point(views, vouching, forks, served, commit, n, k)
+    choice = Choice(source, serve, commit,
                     max_term=max(max(v.loaded.max_term, v.loaded.tree.term) for v in readable))
     for v in views:
         choice.verdicts[v.name] = _verdict(v, choice, forks.get(v.name, 0))
-    choice.doubt = _doubt(views, vouching, choice, n)
+    choice.doubt = _doubt(views, vouching, choice, n) or dropped
     return choice
 
 
 def _serve_point(views: list[View], vouching: list[View], forks: dict[str, int], served: Tree,
-                 commit: int, n: int, k: int) -> int:
+                 commit: int, n: int, k: int) -> tuple[int, str]:
     """The source's last record, unless fewer than k replicas hold it whole (k > 1 only:
-    the shares of the others are needed to read it).  Such a record is dropped only if it
-    cannot have been acknowledged: the replicas that may hold it (those here that do, plus
-    every one whose content is unknown) are fewer than W."""
-    # Replicas that may hold a record nobody here shows: neither vouching nor blamed (the
-    # writer sends nothing to a replica it blamed, so that one is known not to hold it).
-    serve = served.seq
+    the shares of the others are needed to read it); returns it and a doubt, if any.
+
+    A record held by fewer than k is dropped when it cannot have been acknowledged: the
+    replicas that may hold it are fewer than W.  Only a replica blamed before it is known
+    not to hold it (the writer sends nothing to a blamed replica); one that is merely one
+    record behind may be an old copy of a replica that held it.  So a record is dropped
+    without doubt only when the blamed ones prove it; dropped because replicas here lack
+    it, it is shown as not proven (a mount refuses, `restore --unproven` gives it)."""
+    serve, doubt = served.seq, ""
+    quorum = served.quorum_since(commit)
     while serve > commit and sum(forks[v.name] >= serve for v in vouching) < k:
         holders = sum(forks[v.name] >= serve for v in vouching)
-        unknown = n - len(vouching) - len({i for i in served.blame if _blamed_by(served, i, serve)}
-                                          - {v.index for v in vouching})
-        if holders + unknown >= served.quorum:
+        blamed = {i for i in served.blame if _blamed_by(served, i, serve)} - {v.index for v in vouching}
+        lacking_here = len(vouching) - holders
+        if holders + (n - len(vouching) - len(blamed)) >= quorum:
             raise ChoiceError(f"record {serve} may have been acknowledged but only {holders} "
                               f"replica(s) here hold it, k={k} are needed to read it: "
                               + _reasons(views))
+        if holders + lacking_here + (n - len(vouching) - len(blamed)) >= quorum:
+            doubt = (f"record {serve} is held by {holders} replica(s), k={k} are needed to read "
+                     f"it; it was never acknowledged unless the {lacking_here} replica(s) here "
+                     "without it are old copies, so the state before it is served")
         serve -= 1
     holders = sum(forks[v.name] >= serve for v in vouching)
     if holders < k:
         raise ChoiceError(f"record {serve} was acknowledged but only {holders} replica(s) here "
                           f"hold it, k={k} are needed to read it: " + _reasons(views))
-    return serve
+    return serve, doubt
 
 
 def _check_commits(readable: list[View], source: View) -> int:
@@ -178,7 +187,11 @@ def _vouches(v: View, served: Tree, fork: int, commit: int) -> bool:
     if fork >= commit:
         return True
     since = served.blamed_since.get(v.index)
-    return since is not None and fork == v.loaded.tree.seq == since - 1
+    seq = v.loaded.tree.seq
+    # It may hold the record it was being sent when it faulted (written, but the sync
+    # failed or came too late), never one after it.
+    return (since is not None and fork == seq and since - 1 <= seq <= since
+            and seq < served.blamed_at.get(v.index, 0))
 
 
 def _blamed_by(tree: Tree, index: int | None, upto: int) -> bool:
@@ -194,6 +207,8 @@ def _verdict(v: View, choice: Choice, fork: int) -> Verdict:
         return Verdict(FAULTED, v.loaded.damage)
     tree, served = v.loaded.tree, choice.tree
     blamed = served.blame.get(v.index) if v.index is not None else None
+    if blamed is not None and v.index in tree.blame:
+        blamed = None  # it holds the record that blamed it: a heal gave it the current state
     if fork >= choice.serve:
         if blamed is not None:
             return Verdict(STALE, f"blamed: {blamed}", fork)
@@ -217,7 +232,8 @@ def _doubt(views: list[View], vouching: list[View], choice: Choice, n: int) -> s
     A replica vouches unless it provably lost acknowledged records (it ends below the
     commit point, or the served state blames it): such a replica may be an old copy,
     and an old copy is no evidence about what the real one held."""
-    quorum = min([choice.tree.quorum] + [v.loaded.tree.quorum for v in vouching])
+    quorum = min([choice.tree.quorum_since(choice.commit)]
+                 + [v.loaded.tree.quorum for v in vouching])
     need = n - quorum + 1
     if len(vouching) >= need:
         return ""

@@ -141,6 +141,7 @@ class Tree:
         self.terms: list[tuple[int, int]] = [(0, 0)]
         self.quorum = 0                     # W, the write quorum; set at init, changed by ops
         self.commit = 0                     # highest record known acknowledged in this state
+        self.quorums: list[tuple[int, int]] = []  # (record, W) for every W change, oldest first
         self.next_ino = ROOT_INO + 1
         self.inodes: dict[int, Inode] = {}
         self.blame: dict[int, str] = {}
@@ -153,6 +154,7 @@ class Tree:
     def new(cls, block_size: int, uid: int, gid: int, now_ns: int, quorum: int) -> Tree:
         tree = cls(block_size)
         tree.quorum = quorum
+        tree.quorums = [(0, quorum)]
         tree.time_ms = now_ns // 1_000_000
         tree.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, nlink=2,
                                       atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
@@ -176,6 +178,12 @@ class Tree:
             yield path, node
             if node.is_dir:
                 yield from self.walk(child_ino, path + b"/")
+
+    def quorum_since(self, seq: int) -> int:
+        """The smallest W any record after `seq` may have been acknowledged under (a W
+        change counts only from the record that logged it)."""
+        before = [w for at, w in self.quorums if at <= seq]
+        return min(before[-1:] + [w for at, w in self.quorums if at > seq], default=self.quorum)
 
     def term_of(self, seq: int) -> int:
         """The term that wrote record `seq` of this state (0 for the empty initial state)."""
@@ -271,6 +279,7 @@ class Tree:
         if not isinstance(w, int) or w < 1:
             raise TypeError(f"quorum {w!r}")
         self.quorum = w
+        self.quorums.append((seq, w))
 
     def _op_free(self, seq: int, op: dict) -> None:
         del self.inodes[op["ino"]]
@@ -316,7 +325,7 @@ class Tree:
         """The whole state, compressed.  Without the commit point (which replicas may know
         to different heights) two dumps compare the states themselves."""
         doc = {"seq": self.seq, "term": self.term, "time_ms": self.time_ms,
-               "terms": self.terms, "quorum": self.quorum,
+               "terms": self.terms, "quorum": self.quorum, "quorums": self.quorums,
                "commit": self.commit if with_commit else None,
                "next_ino": self.next_ino, "block_size": self.block_size,
                "blame": {str(k): v for k, v in self.blame.items()},
@@ -337,6 +346,7 @@ class Tree:
             tree.time_ms = doc["time_ms"]
             tree.terms = [(first, term) for first, term in doc["terms"]]
             tree.quorum = doc["quorum"]
+            tree.quorums = [(seq, w) for seq, w in doc["quorums"]]
             tree.commit = doc["commit"]
             tree.next_ino = doc["next_ino"]
             tree.blame = {int(k): v for k, v in doc["blame"].items()}

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -74,24 +75,54 @@ def default_quorum(k: int, n: int) -> int:
 
 # ---------------------------------------------------------------- opening
 
-def open_replicas(paths: list[str], master: bytes) -> tuple[list[Replica], codec.Keys]:
-    """Open and cross-check the replica headers.  Missing directories come back MISSING and
-    damaged headers FAULTED (the others may serve); a foreign replica, the wrong key, an
-    unknown version or a copied replica is refused outright."""
+def within(deadline: float, calls: list[Callable[[], object]]) -> list[object]:
+    """Run each call in a thread of its own and return its result or exception; one still
+    running at the deadline (a hung NAS) is left behind and answers TimeoutError."""
+    results: list[object] = [TimeoutError(f"no answer within {deadline:g}s")] * len(calls)
+
+    def run(position: int, call: Callable[[], object]) -> None:
+        try:
+            results[position] = call()
+        except BaseException as exc:  # handed to the caller, who decides
+            results[position] = exc
+
+    threads = [threading.Thread(target=run, args=(i, call), daemon=True)
+               for i, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    end = time.monotonic() + deadline
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))
+    return results
+
+
+def _open_one(path: str) -> Replica:
+    if not os.path.isdir(path):
+        return Replica(path, state=MISSING, reason="directory does not exist")
+    return Replica.open(path)
+
+
+def open_replicas(paths: list[str], master: bytes,
+                  deadline: float = 10.0) -> tuple[list[Replica], codec.Keys]:
+    """Open and cross-check the replica headers.  Missing directories come back MISSING,
+    damaged headers and replicas that do not answer within the deadline FAULTED (the others
+    may serve); a foreign replica, the wrong key, an unknown version or a copied replica is
+    refused outright."""
     if not paths:
         raise VolumeError("no replicas given (use --replica DIR)")
-    if len(set(map(os.path.realpath, paths))) != len(paths):
+    if len({os.path.abspath(p) for p in paths}) != len(paths):  # realpath could hang on a NAS
         raise VolumeError("the same replica directory is given twice")
     keys = codec.Keys.derive(master)
     replicas: list[Replica] = []
-    for path in paths:
-        if not os.path.isdir(path):
-            replicas.append(Replica(path, state=MISSING, reason="directory does not exist"))
-            continue
-        try:
-            replicas.append(Replica.open(path))
-        except ReplicaError as exc:
-            raise VolumeError(str(exc)) from None
+    for path, result in zip(paths, within(deadline, [partial(_open_one, p) for p in paths]),
+                            strict=True):
+        if isinstance(result, ReplicaError):
+            raise VolumeError(str(result)) from None
+        if isinstance(result, BaseException):
+            why = (str(result) if isinstance(result, TimeoutError)
+                   else f"cannot open: {type(result).__name__}: {result}")
+            result = Replica(path, state=FAULTED, reason=why)
+        replicas.append(result)
     headed = [r for r in replicas if r.header]
     if not headed:
         if any(r.header_damage for r in replicas):
@@ -243,7 +274,7 @@ class Volume:
         (exactly the blocks they lack) and start a new term.  `serving` (a mount) refuses,
         before changing anything, when fewer than W replicas could be writable."""
         options = options or Options()
-        replicas, keys = open_replicas(paths, master)
+        replicas, keys = open_replicas(paths, master, options.deadline)
         try:
             return cls._open(replicas, keys, options, writable, serving)
         except BaseException:
@@ -255,7 +286,18 @@ class Volume:
     def _open(cls, replicas: list[Replica], keys: codec.Keys, options: Options,
               writable: bool, serving: bool) -> Volume:
         header = next(r.header for r in replicas if r.header)
-        views = [_view(r, keys) for r in replicas]
+        views = []
+        for r, view in zip(replicas, within(options.deadline, [partial(_view, r, keys) for r in replicas]),
+                           strict=True):
+            if isinstance(view, VolumeError):
+                raise view
+            if isinstance(view, BaseException):
+                why = (f"{view} while loading its metadata" if isinstance(view, TimeoutError)
+                       else f"cannot load its metadata: {type(view).__name__}: {view}")
+                view = statechoice.View(r.path, r.index if r.header else None, problem=why)
+                r.header = None  # it may never answer: nothing below may touch it
+                r.state, r.reason = FAULTED, view.problem
+            views.append(view)
         try:
             choice = statechoice.decide(views, header.n, header.k)
         except statechoice.ChoiceError as exc:
@@ -291,10 +333,11 @@ class Volume:
                 continue
             r.start_worker()
             r.counters = Counters(**self.tree.error_counts.get(r.index, {}))
+            if view.loaded is not None:
+                r.last_seq = min(view.loaded.tree.seq, self.tree.seq)
             if r.state != ONLINE:
                 continue
             self.log_bytes = max(self.log_bytes, view.loaded.log_end)
-            r.last_seq = self.tree.seq
             if not self.writable:
                 r.overlay = view.loaded.redo
                 continue
@@ -515,7 +558,9 @@ class Volume:
             blamed = index in self.tree.blame
             if index not in online and not blamed:
                 r = known.get(index)
-                since = None if r is None or r.last_seq is None else r.last_seq + 1
+                # A replica missing at mount holds at most the state this open serves.
+                last = r.last_seq if r is not None else (self.choice.serve if self.choice else None)
+                since = None if last is None else last + 1
                 ops.append({"op": "blame", "replica": index, "since": since,
                             "reason": (r.reason if r else "") or "missing at mount"})
             elif index in online and blamed:
