@@ -377,8 +377,12 @@ class Volume:
         `can_join`: lagging replicas a catch-up is about to bring in."""
         usable = len(self.online) + can_join
         if usable < self.commit_quorum():
-            problems = "; ".join(f"{r.path} is {r.state} ({r.reason})" for r in self.replicas
-                                 if r.state != ONLINE)
+            problems = [f"{r.path} is {r.state} ({r.reason})" for r in self.replicas
+                        if r.state != ONLINE]
+            if len(self.replicas) < self.n:
+                problems.append(f"{self.n - len(self.replicas)} of the volume's {self.n} "
+                                "replicas not given")
+            problems = "; ".join(problems)
             raise VolumeError(f"only {usable} replica(s) writable, the write quorum is "
                               f"{self.commit_quorum()}: {problems}; heal with lnmirror scrub "
                               "--replica ... (unmounted)")

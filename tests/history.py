@@ -365,12 +365,13 @@ class History:
         """Per replica, what a crash inside this commit leaves (most commits: nothing)."""
         if self.rng.random() > 0.25:
             return {}
-        return {i: self.rng.choice(["none", "torn", "slots"]) for i in range(self.n)
+        return {i: self.rng.choice(["none", "torn", "slots", "synced"]) for i in range(self.n)
                 if self.rng.random() < 0.5}
 
     def inject(self, fates: dict[int, str]) -> None:
         """Cut the replica's part of the commit where its fate says, as a crash would:
-        nothing written, the data slots but not the record, or a torn record.  The cut is
+        nothing written, the data slots but not the record, a torn record, or the whole
+        record with the sync reporting an error.  The cut is
         made inside the real Replica.commit, which faults its replica as on any error."""
         for r in self.volume.replicas:
             fate = fates.get(r.index) if r.header else None
@@ -380,6 +381,8 @@ class History:
                 r._append = _crash
             elif fate == "torn":
                 r._append = _torn_append(r, self.rng.random())
+            elif fate == "synced":  # the whole record reached the disk, the sync said EIO
+                r._append = _torn_append(r, 1.0)
 
     def uninject(self) -> None:
         if self.volume is None:
