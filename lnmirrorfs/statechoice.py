@@ -111,46 +111,38 @@ def decide(views: list[View], n: int, k: int) -> Choice:
     commit = _check_commits(readable, source)
     forks = {v.name: fork_point(v.loaded.tree, served) for v in healthy}
     vouching = [v for v in healthy if _vouches(v, served, forks[v.name], commit)]
-    serve, dropped = _serve_point(views, vouching, forks, served, commit, n, k)
-    choice = Choice(source, serve, commit,
+    choice = Choice(source, _serve_point(views, vouching, forks, served, commit, n, k), commit,
                     max_term=max(max(v.loaded.max_term, v.loaded.tree.term) for v in readable))
     for v in views:
         choice.verdicts[v.name] = _verdict(v, choice, forks.get(v.name, 0))
-    choice.doubt = _doubt(views, vouching, choice, n) or dropped
+    choice.doubt = _doubt(views, vouching, choice, n)
     return choice
 
 
 def _serve_point(views: list[View], vouching: list[View], forks: dict[str, int], served: Tree,
-                 commit: int, n: int, k: int) -> tuple[int, str]:
+                 commit: int, n: int, k: int) -> int:
     """The source's last record, unless fewer than k replicas hold it whole (k > 1 only:
-    the shares of the others are needed to read it); returns it and a doubt, if any.
-
-    A record held by fewer than k is dropped when it cannot have been acknowledged: the
-    replicas that may hold it are fewer than W.  Only a replica blamed before it is known
-    not to hold it (the writer sends nothing to a blamed replica); one that is merely one
-    record behind may be an old copy of a replica that held it.  So a record is dropped
-    without doubt only when the blamed ones prove it; dropped because replicas here lack
-    it, it is shown as not proven (a mount refuses, `restore --unproven` gives it)."""
-    serve, doubt = served.seq, ""
+    the shares of the others are needed to read it).  Such a record is dropped only if it
+    cannot have been acknowledged: the replicas that may hold it (those here that do, plus
+    every one whose content is unknown: not here, or not vouching, and not blamed before
+    it, since the writer sends nothing to a blamed replica) are fewer than W.  A vouching
+    replica here that lacks it counts as not holding it: were it an old copy of one that
+    did, the record is lost, and that is the one case this cannot tell (docs/design.md)."""
+    serve = served.seq
     quorum = served.quorum_since(commit)
     while serve > commit and sum(forks[v.name] >= serve for v in vouching) < k:
         holders = sum(forks[v.name] >= serve for v in vouching)
         blamed = {i for i in served.blame if _blamed_by(served, i, serve)} - {v.index for v in vouching}
-        lacking_here = len(vouching) - holders
         if holders + (n - len(vouching) - len(blamed)) >= quorum:
             raise ChoiceError(f"record {serve} may have been acknowledged but only {holders} "
                               f"replica(s) here hold it, k={k} are needed to read it: "
                               + _reasons(views))
-        if holders + lacking_here + (n - len(vouching) - len(blamed)) >= quorum:
-            doubt = (f"record {serve} is held by {holders} replica(s), k={k} are needed to read "
-                     f"it; it was never acknowledged unless the {lacking_here} replica(s) here "
-                     "without it are old copies, so the state before it is served")
         serve -= 1
     holders = sum(forks[v.name] >= serve for v in vouching)
     if holders < k:
         raise ChoiceError(f"record {serve} was acknowledged but only {holders} replica(s) here "
                           f"hold it, k={k} are needed to read it: " + _reasons(views))
-    return serve, doubt
+    return serve
 
 
 def _check_commits(readable: list[View], source: View) -> int:

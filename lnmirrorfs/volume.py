@@ -382,10 +382,11 @@ class Volume:
             if len(self.replicas) < self.n:
                 problems.append(f"{self.n - len(self.replicas)} of the volume's {self.n} "
                                 "replicas not given")
-            problems = "; ".join(problems)
+            absent = len(self.replicas) < self.n or any(r.state == MISSING for r in self.replicas)
+            advice = ("bring the missing replicas back (or lnmirror replace a lost one)" if absent
+                      else "heal them with lnmirror scrub --replica ... (unmounted)")
             raise VolumeError(f"only {usable} replica(s) writable, the write quorum is "
-                              f"{self.commit_quorum()}: {problems}; heal with lnmirror scrub "
-                              "--replica ... (unmounted)")
+                              f"{self.commit_quorum()}: {'; '.join(problems)}; {advice}")
 
     def commit_quorum(self) -> int:
         """W for the next record: the stricter of the old and new W while a change is pending."""
