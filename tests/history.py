@@ -96,6 +96,7 @@ class History:
         self.n = self.rng.choice([2, 2, 3, 3])
         self.k = self.rng.choice([1, 1, 2]) if self.n == 3 else 1
         self.w = default_quorum(self.k, self.n)    # W of the state the open volume holds
+        self.w_unconfirmed: int | None = None
         self.master = codec.new_master_key()
         self.paths = [root / f"r{i}" for i in range(self.n)]
         self.away: dict[int, Path] = {}            # vanished replicas: where they are now
@@ -192,7 +193,8 @@ class History:
     def provable(self) -> bool:
         """Are n - W + 1 replicas that hold every acknowledged record present?"""
         present = [i for i in range(self.n) if i not in self.away and self.holder[i]]
-        return len(present) >= self.n - min(w for _, w in self.states) + 1
+        lowest = min([w for _, w in self.states] + [self.w_unconfirmed or self.n])
+        return len(present) >= self.n - lowest + 1
 
     def open(self, writable: bool) -> None:
         quorum = None
@@ -270,6 +272,7 @@ class History:
                 self.states.add(freeze(self.files, self.new_quorum()))
             if volume.term_started:  # the unmount committed (blame, orphans) and snapshotted
                 self.states = {freeze(self.files, volume.tree.quorum)}
+                self.w_unconfirmed = None  # its snapshot records what was acknowledged
                 self.holders_from(volume)
         else:
             self.stats.kills += 1
@@ -336,7 +339,10 @@ class History:
         self.uninject()
         self.stats.acked += 1
         self.files = new
-        self.w = self.new_quorum()
+        old_w, self.w = self.w, self.new_quorum()
+        # A W change is trusted only once a later record shows it was acknowledged: until
+        # then the volume rightly proves with the lower of the two.
+        self.w_unconfirmed = min(old_w, self.w) if old_w != self.w else None
         self.states = {freeze(new, self.w)}
         self.started = True
         self.holders_from(volume, fates)
