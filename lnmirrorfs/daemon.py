@@ -41,6 +41,13 @@ async def _on_signals() -> None:
             return
 
 
+def _heal_progress(volume: Volume):
+    """Where a running scrub or replace says how far it is (status shows it, in bytes)."""
+    def progress(done: int, total: int) -> None:
+        volume.heal_progress = {"done": done * volume.block_size, "total": total * volume.block_size}
+    return progress
+
+
 def _control_handler(volume: Volume) -> control.Handler:
     heal_lock = trio.Lock()  # one scrub or replace at a time; later ones wait their turn
 
@@ -56,14 +63,21 @@ def _control_handler(volume: Volume) -> control.Handler:
                                      or not rate > 0):
                 return {"error": f"rate must be a positive number of MB/s, not {rate!r}"}
             async with heal_lock:
-                return (await scrub.scrub(volume, bool(dry_run), rate)).as_dict()
+                try:
+                    return (await scrub.scrub(volume, bool(dry_run), rate,
+                                              _heal_progress(volume))).as_dict()
+                finally:
+                    volume.heal_progress = None
         if command == "replace":
             old, new = request.get("old"), request.get("new")
             if not (isinstance(old, str) and isinstance(new, str)):
                 return {"error": "replace needs the old and new replica directories"}
             async with heal_lock:
                 scrub.attach_replacement(volume, old, new)
-                return (await scrub.scrub(volume)).as_dict()
+                try:
+                    return (await scrub.scrub(volume, progress=_heal_progress(volume))).as_dict()
+                finally:
+                    volume.heal_progress = None
         return {"error": f"unknown command {command!r}"}
     return handle
 

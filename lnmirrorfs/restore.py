@@ -12,7 +12,7 @@ import fcntl
 import os
 import socket
 import stat
-import sys
+from collections.abc import Callable
 
 from .tree import Inode
 from .volume import Volume
@@ -24,8 +24,12 @@ class RestoreError(Exception):
     pass
 
 
-async def restore_tree(volume: Volume, target: str, progress: bool = False) -> dict:
-    """Recreate the tree below `target` (an empty or missing directory); returns counts."""
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+async def restore_tree(volume: Volume, target: str, progress: Progress | None = None) -> dict:
+    """Recreate the tree below `target` (an empty or missing directory); returns counts.
+    `progress` is told the bytes written so far, inside big files too."""
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise RestoreError(f"{target}: target exists and is not an empty directory")
     os.makedirs(target, exist_ok=True)
@@ -33,6 +37,8 @@ async def restore_tree(volume: Volume, target: str, progress: bool = False) -> d
     first_path: dict[int, str] = {}
     counts = {"files": 0, "dirs": 0, "links": 0, "bytes": 0, "skipped_sockets": 0}
     dirs: list[tuple[str, Inode]] = [(target, tree.inodes[1])]
+    sizes = {node.ino: volume.size_of(node) for _, node in tree.walk() if node.is_reg}
+    meter = _Meter(progress, sum(sizes.values()))
     for rel, node in tree.walk():
         path = os.path.join(target, os.fsdecode(rel))
         if node.ino in first_path:
@@ -48,11 +54,8 @@ async def restore_tree(volume: Volume, target: str, progress: bool = False) -> d
         if stat.S_ISLNK(node.mode):
             os.symlink(node.target, path)
         elif node.is_reg:
-            counts["bytes"] += await _restore_file(volume, node, path)
+            counts["bytes"] += await _restore_file(volume, node, path, meter)
             counts["files"] += 1
-            if progress:
-                print(f"\rrestored {counts['files']} files, {counts['bytes'] >> 20} MiB",
-                      end="", file=sys.stderr)
         elif stat.S_ISSOCK(node.mode):
             counts["skipped_sockets"] += 1  # a socket is recreated by whoever listens on it
             continue
@@ -61,12 +64,22 @@ async def restore_tree(volume: Volume, target: str, progress: bool = False) -> d
         _set_meta(path, node)
     for path, node in reversed(dirs):  # children first, so their creation does not bump mtime
         _set_meta(path, node)
-    if progress:
-        print(file=sys.stderr)
     return counts
 
 
-async def _restore_file(volume: Volume, node: Inode, path: str) -> int:
+class _Meter:
+    """Counts bytes for a progress callback."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
+async def _restore_file(volume: Volume, node: Inode, path: str, meter: _Meter) -> int:
     size = volume.size_of(node)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -75,6 +88,7 @@ async def _restore_file(volume: Volume, node: Inode, path: str) -> int:
             data = await volume.read(node.ino, offset, CHUNK)
             os.pwrite(fd, data, offset)
             offset += len(data)
+            meter.add(len(data))
         os.ftruncate(fd, size)
         os.fsync(fd)
     finally:
@@ -125,10 +139,13 @@ def _check_place(source: str) -> None:
                 probe.close()
 
 
-async def import_tree(volume: Volume, source: str) -> dict:
+async def import_tree(volume: Volume, source: str, progress: Progress | None = None) -> dict:
     """Copy a plain directory tree into an empty volume (modes, owners, times, symlinks,
     hard links, FIFOs), then read every file back through the volume and compare."""
     counts = {"files": 0, "dirs": 0, "links": 0, "bytes": 0, "skipped_sockets": 0}
+    meter = _Meter(progress, sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in
+                                 os.walk(source) for f in files
+                                 if stat.S_ISREG(os.lstat(os.path.join(d, f)).st_mode)))
     seen: dict[tuple[int, int], int] = {}
     dirs: list[tuple[int, os.stat_result]] = [(1, os.lstat(source))]
     copied: list[tuple[str, int]] = []
@@ -155,7 +172,7 @@ async def import_tree(volume: Volume, source: str) -> dict:
                 counts["dirs"] += 1
                 continue
             if stat.S_ISREG(st.st_mode):
-                counts["bytes"] += await _import_file(volume, node.ino, entry.path)
+                counts["bytes"] += await _import_file(volume, node.ino, entry.path, meter)
                 copied.append((entry.path, node.ino))
                 counts["files"] += 1
             await volume.setattr(node.ino, atime=st.st_atime_ns, mtime=st.st_mtime_ns)
@@ -168,12 +185,13 @@ async def import_tree(volume: Volume, source: str) -> dict:
     return counts
 
 
-async def _import_file(volume: Volume, ino: int, path: str) -> int:
+async def _import_file(volume: Volume, ino: int, path: str, meter: _Meter) -> int:
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             await volume.write(ino, size, chunk)
             size += len(chunk)
+            meter.add(len(chunk))
     await volume.sync(ino)
     return size
 

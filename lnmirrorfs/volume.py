@@ -249,6 +249,7 @@ class Volume:
         self.term_started = False
         self.committed = tree.seq                # highest record known acknowledged
         self.wanted_quorum: int | None = None    # a W change this open's first record logs
+        self.heal_progress: dict | None = None   # a live scrub's {"done", "total"} bytes
         self.lock = trio.Lock()                  # serializes check + commit + apply
         self.dirty: dict[int, dict[int, bytearray]] = {}
         self.inflight: dict[int, dict[int, bytes]] = {}
@@ -1055,6 +1056,7 @@ class Volume:
                 "written_ms": self.tree.time_ms, "committed": self.committed,
                 "term": statechoice.term_number(self.term or self.tree.term),
                 "doubt": self.choice.doubt if self.choice else "",
+                "heal_progress": self.heal_progress,
                 "blamed": {str(i): why for i, why in self.tree.blame.items()},
                 "bad_shares": len(self.bad_shares), "stats": dict(self.stats),
                 "last_scrub": self.tree.last_scrub,

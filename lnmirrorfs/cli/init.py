@@ -16,6 +16,7 @@ from ..restore import RestoreError, check_node_stopped, import_tree
 from ..tree import Tree
 from ..volume import Options, Volume, VolumeError, default_quorum
 from .common import CliError, default_key_path, write_key_file
+from .progress import progress_line
 
 DEFAULT_BLOCK_SIZE = 4096
 
@@ -75,8 +76,12 @@ def _import_or_undo(args: argparse.Namespace, master: bytes, key_path: str) -> N
     """Copy --from into the new volume and verify it; on failure leave nothing behind."""
     volume = Volume.open(args.replica, master, Options())
     try:
+        line = progress_line("import")
+
         async def run() -> dict:
-            counts = await import_tree(volume, args.source)
+            counts = await import_tree(volume, args.source, line.update if line else None)
+            if line:
+                line.finish()
             async with volume.lock:
                 await volume.snapshot()
             return counts

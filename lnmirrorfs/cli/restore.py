@@ -9,6 +9,7 @@ import trio
 
 from ..restore import RestoreError, restore_tree
 from .common import CliError, open_volume, volume_options
+from .progress import progress_line
 from .status import format_when
 
 
@@ -22,13 +23,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
         volume.close()
         raise CliError(f"cannot prove {record} is the latest state: {doubt}; give the missing "
                        "replicas, or add --unproven to restore it anyway")
+    line = progress_line("restore")
     try:
-        counts = trio.run(restore_tree, volume, args.target, sys.stderr.isatty())
+        counts = trio.run(restore_tree, volume, args.target, line.update if line else None)
     except RestoreError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"restore failed: {exc.strerror or exc}") from None
     finally:
+        if line:
+            line.finish()
         volume.close()
     print(f"restored {record} to {args.target}: {counts['files']} files, "
           f"{counts['dirs']} directories, {counts['links']} extra hard links, "

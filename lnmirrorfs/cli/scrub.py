@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
+import threading
 
 import trio
 
 from .. import control, scrub
 from ..volume import Volume, VolumeError
 from .common import CliError, open_volume, volume_options
+from .progress import ProgressLine, progress_line
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
@@ -42,38 +42,52 @@ def cmd_replace(args: argparse.Namespace) -> int:
 def _heal(args: argparse.Namespace, request: dict, offline, writable: bool = True) -> dict:
     """Ask the live mount to do it, or open the replicas (locked) and do it here."""
     if args.mountpoint:
-        try:
-            reply = control.request(control.socket_path(args.mountpoint), request, timeout=None)
-        except OSError:
-            raise CliError(f"no lnmirrorfs mount is serving {args.mountpoint}") from None
+        reply = _live(args.mountpoint, request, progress_line(request["cmd"]))
         if "error" in reply:
             raise CliError(reply["error"])
         return reply
     if not args.replica:
         raise CliError("give a MOUNTPOINT or --replica directories")
     volume = open_volume(args.replica, args.key_file, volume_options(args), writable=writable)
+    line = progress_line(request["cmd"])
     try:
-        progress = _progress_bar() if sys.stderr.isatty() else None
+        progress = None if line is None else (
+            lambda done, total: line.update(done * volume.block_size, total * volume.block_size))
         try:
             return trio.run(offline, volume, progress).as_dict()
         except VolumeError as exc:
             raise CliError(str(exc)) from None
     finally:
+        if line:
+            line.finish()
         volume.close()
 
 
-def _progress_bar():
-    started = time.monotonic()
+def _live(mountpoint: str, request: dict, line: ProgressLine | None) -> dict:
+    """The mount does the work; on a terminal, its progress (from status) is shown meanwhile."""
+    path = control.socket_path(mountpoint)
+    reply: dict = {}
 
-    def show(done: int, total: int) -> None:
-        elapsed = max(time.monotonic() - started, 1e-6)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate else 0
-        print(f"\rscrub: {done}/{total} blocks ({100 * done // max(total, 1)}%), "
-              f"{rate:.0f} blocks/s, ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
-        if done >= total:
-            print(file=sys.stderr)
-    return show
+    def ask() -> None:
+        try:
+            reply.update(control.request(path, request, timeout=None))
+        except OSError:
+            reply["error"] = f"no lnmirrorfs mount is serving {mountpoint}"
+
+    worker = threading.Thread(target=ask, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+        if line and worker.is_alive():
+            try:
+                done = control.request(path, {"cmd": "status"}, timeout=5).get("heal_progress")
+            except (OSError, ValueError):
+                done = None
+            if done:
+                line.update(done["done"], done["total"])
+    if line:
+        line.finish()
+    return reply
 
 
 def _print_report(args: argparse.Namespace, report: dict) -> int:
