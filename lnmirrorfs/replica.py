@@ -342,6 +342,11 @@ class Replica:
         if raw.count(b"\0", pos) == len(raw) - pos:
             return
         end_seq = loaded.tree.seq
+        last = format.frame_at(raw, pos)
+        if last is not None and any(raw[last.end - 16:last.end]):
+            # A torn append leaves the end of the frame unwritten (the log is zero-filled
+            # ahead); a frame written to its end that does not check out was damaged later.
+            loaded.damage = f"log damaged after record {end_seq} (the next record is whole but corrupt)"
         for frame in format.frames_after(raw, pos):
             if frame.head.seq <= end_seq:
                 continue
