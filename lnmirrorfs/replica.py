@@ -343,9 +343,10 @@ class Replica:
             return
         end_seq = loaded.tree.seq
         last = format.frame_at(raw, pos)
-        if last is not None and any(raw[last.end - 16:last.end]):
+        if last is not None and raw[last.end - 1] != 0:
             # A torn append leaves the end of the frame unwritten (the log is zero-filled
-            # ahead); a frame written to its end that does not check out was damaged later.
+            # ahead); a frame written to its last byte that does not check out was damaged
+            # later.  (A whole record whose last byte is zero, 1 in 256, still looks torn.)
             loaded.damage = f"log damaged after record {end_seq} (the next record is whole but corrupt)"
         for frame in format.frames_after(raw, pos):
             if frame.head.seq <= end_seq:
