@@ -105,16 +105,16 @@ def _client(path: str, kind: str, rng: random.Random) -> str:
             _send(sock, b'{"cmd": "status", "pad": "' + b"A" * size + b'"}\n')
             _error_reply(_read_reply(sock), kind)
         elif kind == "status":
-            sock.sendall(b'{"cmd": "status"}\n')
+            _send(sock, b'{"cmd": "status"}\n')
             reply = json.loads(_read_reply(sock))
             assert _busy(reply) or reply.get("state") in ("ONLINE", "DEGRADED"), reply
         elif kind == "two_lines":  # only the first line is the request
-            sock.sendall(b'{"cmd": "status"}\n{"cmd": "scrub"}\n')
+            _send(sock, b'{"cmd": "status"}\n{"cmd": "scrub"}\n')
             reply = json.loads(_read_reply(sock))
             assert _busy(reply) or "state" in reply, reply
         elif kind == "dribble":  # slow but within the deadline: served normally
             for byte in b'{"cmd": "status"}\n':
-                sock.sendall(bytes([byte]))
+                _send(sock, bytes([byte]))  # a "busy" daemon has answered and closed already
                 time.sleep(READ_TIMEOUT / 80)
             reply = json.loads(_read_reply(sock))
             assert _busy(reply) or "state" in reply, reply
