@@ -134,7 +134,6 @@ class Loaded:
     snapshot_seq: int = 0
     commit: int = 0
     max_term: int = 0
-    max_seq: int = 0
     damage: str = ""
     touched: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
 
@@ -295,7 +294,7 @@ class Replica:
         except (OSError, format.FormatError, codec.CodecError, TreeError) as exc:
             raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
         loaded = Loaded(tree, 0, 0, {}, snapshot_seq=tree.seq, commit=tree.commit,
-                        max_term=tree.term, max_seq=tree.seq)
+                        max_term=tree.term)
         pos = 0
         while (frame := format.frame_at(raw, pos)) is not None:
             head = frame.head
@@ -334,7 +333,6 @@ class Replica:
     def _note(loaded: Loaded, head: format.RecordHead) -> None:
         loaded.commit = max(loaded.commit, head.commit)
         loaded.max_term = max(loaded.max_term, head.term)
-        loaded.max_seq = max(loaded.max_seq, head.seq)
 
     def _look_behind(self, keys: codec.Keys, raw: bytes, pos: int, loaded: Loaded) -> None:
         """Where the valid log ends, a torn tail leaves nothing but zeros after it; records

@@ -207,10 +207,8 @@ async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_s
     lagging = {r for r in targets if r.state != ONLINE}
     if not lagging:
         return
-    for ino, node in list(volume.tree.inodes.items()):
-        if node.is_reg:
-            changed = [(b, e) for b, e in enumerate(node.blocks) if entry_gen(e) > start_seq]
-            await _check_blocks(volume, ino, changed, targets, report, dry_run, only=lagging)
+    await _give_blocks(volume, _blocks_since(volume.tree, start_seq, []), targets, report,
+                       dry_run, lagging)
     if dry_run:
         report.healed_replicas += [f"{r.path} (would heal: {r.state}, {r.reason})" for r in lagging]
         return
@@ -248,15 +246,9 @@ async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Loaded]]) -
             if redo and not await volume.run_jobs([(r, partial(r.apply_redo, redo))], 1):
                 r.state, r.reason = FAULTED, "could not be caught up: redo of its log failed"
                 continue
-            wanted = _blocks_since(volume.tree, fork, loaded.touched)
-            failed = False
             before = report.repaired_shares
-            for ino, blocks in sorted(wanted.items()):
-                entries = volume.tree.inodes[ino].blocks
-                for first in range(0, len(blocks), CHUNK_BLOCKS):
-                    chunk = [(b, entries[b]) for b in blocks[first:first + CHUNK_BLOCKS]]
-                    failed |= bool(await _check_blocks(volume, ino, chunk, targets, report,
-                                                       False, only={r}))
+            failed = await _give_blocks(volume, _blocks_since(volume.tree, fork, loaded.touched),
+                                        targets, report, False, {r})
             rewritten[r] = report.repaired_shares - before
             if failed:
                 r.state, r.reason = FAULTED, "could not be caught up: " + "; ".join(
@@ -273,6 +265,19 @@ async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Loaded]]) -
             elif r.state != FAULTED:
                 r.state, r.reason = FAULTED, "could not be caught up: its snapshot write failed"
         volume.report_changes()
+
+
+async def _give_blocks(volume: Volume, wanted: dict[int, list[int]], targets: list[Replica],
+                      report: Report, dry_run: bool, only: set[Replica]) -> bool:
+    """Verify these blocks on every target and rewrite, on `only`, the shares they lack,
+    CHUNK_BLOCKS at a time; True if some could not be given."""
+    failed = False
+    for ino, blocks in sorted(wanted.items()):
+        entries = volume.tree.inodes[ino].blocks
+        for first in range(0, len(blocks), CHUNK_BLOCKS):
+            chunk = [(b, entries[b]) for b in blocks[first:first + CHUNK_BLOCKS]]
+            failed |= bool(await _check_blocks(volume, ino, chunk, targets, report, dry_run, only))
+    return failed
 
 
 def _blocks_since(tree: Tree, fork: int, touched: Touched) -> dict[int, list[int]]:

@@ -65,10 +65,6 @@ class Choice:
     def tree(self) -> Tree:
         return self.source.loaded.tree
 
-    @property
-    def proven(self) -> bool:
-        return not self.doubt
-
     def new_term(self) -> int:
         """A term above every one seen, with a random nonce so that two opens that could
         not see each other's (failed) starts still never share a record identity."""

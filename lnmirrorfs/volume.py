@@ -92,7 +92,7 @@ class Volume:
         self.term = 0                            # this open's term; its first record starts it
         self.term_started = False
         self.committed = tree.seq                # highest record known acknowledged
-        self.wanted_quorum: int | None = None    # a W change this open's first record logs
+        self.wanted_quorum: int | None = None    # a W change the record after the term logs
         self.heal_progress: dict | None = None   # a live scrub's {"done", "total"} bytes
         self.lock = trio.Lock()                  # serializes check + commit + apply
         self.dirty: dict[int, dict[int, bytearray]] = {}
@@ -182,8 +182,8 @@ class Volume:
                 r.mark(FAULTED, f"cannot recover or open the log for writing: {exc.strerror}")
 
     def _set_quorum(self, wanted: int | None) -> None:
-        """A W asked for at mount that differs from the volume's is logged by this open's
-        first record; until that record is acknowledged the stricter of the two holds."""
+        """A W asked for at mount that differs from the volume's is logged by the first
+        record after the term's; until it is acknowledged the stricter of the two holds."""
         if wanted is None or wanted == self.tree.quorum:
             return
         if not self.k <= wanted <= self.n:
