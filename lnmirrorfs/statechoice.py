@@ -107,7 +107,7 @@ def decide(views: list[View], n: int, k: int) -> Choice:
     commit = _check_commits(readable, source)
     forks = {v.name: fork_point(v.loaded.tree, served) for v in healthy}
     vouching = [v for v in healthy if _vouches(v, served, forks[v.name], commit)]
-    choice = Choice(source, _serve_point(views, vouching, forks, served, commit, n, k), commit,
+    choice = Choice(source, _serve_point(views, healthy, forks, served, commit, n, k), commit,
                     max_term=max(max(v.loaded.max_term, v.loaded.tree.term) for v in readable))
     for v in views:
         choice.verdicts[v.name] = _verdict(v, choice, forks.get(v.name, 0))
@@ -115,26 +115,28 @@ def decide(views: list[View], n: int, k: int) -> Choice:
     return choice
 
 
-def _serve_point(views: list[View], vouching: list[View], forks: dict[str, int], served: Tree,
+def _serve_point(views: list[View], healthy: list[View], forks: dict[str, int], served: Tree,
                  commit: int, n: int, k: int) -> int:
     """The source's last record, unless fewer than k replicas hold it whole (k > 1 only:
     the shares of the others are needed to read it).  Such a record is dropped only if it
     cannot have been acknowledged: the replicas that may hold it (those here that do, plus
-    every one whose content is unknown: not here, or not vouching, and not blamed before
-    it, since the writer sends nothing to a blamed replica) are fewer than W.  A vouching
-    replica here that lacks it counts as not holding it: were it an old copy of one that
-    did, the record is lost, and that is the one case this cannot tell (docs/design.md)."""
+    every one whose content is unknown: not here or unreadable, and not blamed before it,
+    since the writer sends nothing to a blamed replica) are fewer than W.  A replica here
+    whose log lacks it counts as not holding it, vouching or merely lagging (with W < n the
+    slowest replica is routinely a record or two behind at a crash): were it an old copy of
+    one that did, the record is lost, and that is the one case this cannot tell."""
     serve = served.seq
     quorum = served.quorum_since(commit)
-    while serve > commit and sum(forks[v.name] >= serve for v in vouching) < k:
-        holders = sum(forks[v.name] >= serve for v in vouching)
-        blamed = {i for i in served.blame if _blamed_by(served, i, serve)} - {v.index for v in vouching}
-        if holders + (n - len(vouching) - len(blamed)) >= quorum:
+    here = {v.index for v in healthy}
+    while serve > commit and sum(forks[v.name] >= serve for v in healthy) < k:
+        holders = sum(forks[v.name] >= serve for v in healthy)
+        blamed = {i for i in served.blame if _blamed_by(served, i, serve)} - here
+        if holders + (n - len(healthy) - len(blamed)) >= quorum:
             raise ChoiceError(f"record {serve} may have been acknowledged but only {holders} "
                               f"replica(s) here hold it, k={k} are needed to read it: "
                               + _reasons(views))
         serve -= 1
-    holders = sum(forks[v.name] >= serve for v in vouching)
+    holders = sum(forks[v.name] >= serve for v in healthy)
     if holders < k:
         raise ChoiceError(f"record {serve} was acknowledged but only {holders} replica(s) here "
                           f"hold it, k={k} are needed to read it: " + _reasons(views))
