@@ -15,22 +15,33 @@ import trio
 
 from . import control, logsetup, scrub
 from .fuse_ops import Operations, mount_options
+from .replica import ONLINE
 from .volume import Volume
 
 log = logging.getLogger("lnmirrorfs.daemon")
 WRITEBACK_SECONDS = 5.0
+RECONNECT_SECONDS = 2.0
 
 
 async def _writeback(volume: Volume) -> None:
     """Like the kernel's dirty writeback: buffered data reaches the replicas within seconds."""
     while True:
         await trio.sleep(WRITEBACK_SECONDS)
-        await volume.probe()  # faults a vanished or hung replica while the node is idle
+        await volume.replica_set.probe()  # faults a vanished or hung replica while idle
         if (volume.dirty or volume.unused) and not volume.suspended:
             try:
                 await volume.sync()
             except OSError as exc:
                 log.error("periodic writeback failed: %s", exc)
+
+
+async def _bring_back(volume: Volume) -> None:
+    """Faulted replicas that answer again are caught up and rejoin, and a mount suspended
+    past its timeout resumes once W replicas hold the pending record: never a remount."""
+    while True:
+        await trio.sleep(RECONNECT_SECONDS)
+        if any(r.state != ONLINE and not r.offline for r in volume.replicas) or volume.pending:
+            await volume.bring_back()
 
 
 async def _on_signals() -> None:
@@ -89,6 +100,7 @@ async def _main(volume: Volume, control_path: str, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, control_path, _control_handler(volume))
         nursery.start_soon(_writeback, volume)
+        nursery.start_soon(_bring_back, volume)
         nursery.start_soon(_on_signals)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -115,6 +127,8 @@ def event_hook(command: str | None, mountpoint: str):
             log.warning("replica %s FAULTED: %s", replica, reason)
         elif event == "healed":
             log.warning("replica %s healed: back ONLINE", replica)
+        elif event == "resumed":
+            log.warning("resumed: writes accepted again")
         else:
             log.error("%s: %s", event, reason or replica)
         if not command:
@@ -141,7 +155,7 @@ def serve(volume: Volume, mountpoint: str, extra_options: list[str], control_pat
     """Mount and serve until unmounted; `ready()` is called once the mount is up.  If it
     raises, the mount is undone and the exception propagates.  LNMIRROR_TEST_READY_DELAY
     (seconds, for tests) delays ready() with the mount already made."""
-    volume.on_event = event_hook(hook, mountpoint)
+    volume.replica_set.on_event = event_hook(hook, mountpoint)
     pyfuse3.init(Operations(volume), mountpoint, mount_options(extra_options))
     clean = False
     try:

@@ -156,6 +156,8 @@ class Replica:
     _lock_fd: int | None = None
     header_damage: str = ""   # why the header was refused: scrub rewrites it
     last_seq: int | None = None  # the last record durably on this replica, when known
+    heal_needed: str = ""     # why a returning replica cannot be caught up: scrub heals it
+    offline: bool = False     # taken offline by the operator: never written, never probed
 
     # ---- creation and opening ----
 
@@ -487,6 +489,8 @@ class Replica:
         makes the whole commit durable; otherwise the slots are synced before the record
         is appended.  A crash leaves either the old state or the new one on this replica.
         """
+        if self.last_seq is not None and self.last_seq >= seq:
+            return  # a retry after a cancelled wait: it holds the record already
         try:
             self._check_online()
             self.write_slots(slots, sync=not inline)
@@ -523,7 +527,7 @@ class Replica:
         self.last_seq = seq
         if self._log_fd is None:
             self.open_log(0)
-        self.state, self.reason = ONLINE, ""
+        self.state, self.reason, self.heal_needed = ONLINE, "", ""
 
     def truncate_data(self, file_id: int, blocks: int, size: int) -> None:
         fd, _ = self._data_fd(file_id, create=False)

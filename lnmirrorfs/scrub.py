@@ -19,67 +19,32 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
-from . import codec, format
-from .replica import (
-    FAULTED,
-    ONLINE,
-    STALE,
-    Loaded,
-    Replica,
-    ReplicaError,
-    still_current,
-    unlink_quietly,
+from .heal import (
+    CHUNK_BLOCKS,
+    Progress,
+    Report,
+    blocks_since,
+    check_blocks,
+    give_blocks,
+    install_snapshot,
 )
-from .tree import HOLE, Tree, entry_gen, entry_slot
+from .replica import ONLINE, STALE, Replica, ReplicaError, unlink_quietly
+from .tree import Tree
 from .volume import Volume, VolumeError
 
 log = logging.getLogger("lnmirrorfs.scrub")
-CHUNK_BLOCKS = 256
-
-Progress = Callable[[int, int], None]
-
-
-@dataclass
-class Report:
-    blocks: int = 0
-    shares_checked: int = 0
-    bad_shares: int = 0
-    repaired_shares: int = 0
-    unrepairable: list[str] = field(default_factory=list)
-    healed_replicas: list[str] = field(default_factory=list)
-    metadata_repaired: list[str] = field(default_factory=list)
-    extra_files: int = 0
-    bytes_read: int = 0
-    seconds: float = 0.0
-    dry_run: bool = False
-
-    @property
-    def result(self) -> str:
-        if self.unrepairable:
-            return "unrepairable"
-        if self.bad_shares or self.healed_replicas or self.metadata_repaired or self.extra_files:
-            return "found problems" if self.dry_run else "repaired"
-        return "clean"
-
-    @staticmethod
-    def exit_code_for(result: str) -> int:
-        return {"clean": 0, "repaired": 1, "found problems": 1}.get(result, 2)
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items()}
-        d["result"] = self.result
-        return d
 
 
 def _scrub_targets(volume: Volume) -> list[Replica]:
-    """Every replica with a readable header and a worker: online, stale and faulted ones."""
-    return [r for r in volume.replicas if r.header and r.worker]
+    """Every replica with a readable header and a worker: online, stale and faulted ones,
+    but not one taken offline or still busy with a job that hung (it would hold up every
+    chunk for the deadline)."""
+    return [r for r in volume.replicas if r.header and r.worker and not r.offline
+            and (r.state == ONLINE or not r.worker.pending)]
 
 
 async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = None,
@@ -90,7 +55,7 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
     targets = _scrub_targets(volume)
     lagging = [r for r in targets if r.state != ONLINE]
     if lagging and not dry_run:
-        await volume.run_jobs([(r, r.reopen) for r in lagging], len(lagging))
+        await volume.replica_set.run_jobs([(r, r.reopen) for r in lagging], len(lagging))
     total = sum(len(n.blocks) for n in volume.tree.inodes.values() if n.is_reg)
     done = 0
     for ino in sorted(i for i, n in volume.tree.inodes.items() if n.is_reg):
@@ -102,7 +67,7 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
                     break
                 wanted = [(b, node.blocks[b]) for b in range(first, min(first + CHUNK_BLOCKS,
                                                                         len(node.blocks)))]
-                await _check_blocks(volume, ino, wanted, targets, report, dry_run)
+                await check_blocks(volume, ino, wanted, targets, report, dry_run)
             first += CHUNK_BLOCKS
             done += len(wanted)
             if progress:
@@ -110,11 +75,14 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
             await _throttle(report.bytes_read, started, rate_mb)
     async with volume.lock:
         await _heal_lagging_replicas(volume, targets, start_seq, report, dry_run)
-        await _check_metadata(volume, targets, report, dry_run)
+        if not dry_run:
+            await volume.resume()  # a suspended mount takes writes again once W are back
+        if volume.pending is None:  # a pending record sits in some logs: keep them
+            await _check_metadata(volume, targets, report, dry_run)
         await _remove_extra_files(volume, targets, report, dry_run)
-        volume.report_changes()
+        volume.replica_set.report_changes()
         report.seconds = round(time.monotonic() - started, 3)
-        recordable = (not dry_run and not volume.suspended
+        recordable = (not dry_run and volume.pending is None
                       and len(volume.online) >= volume.commit_quorum())
         if recordable:
             await volume.commit([{"op": "scrubbed", "report": _summary(report)}])
@@ -134,177 +102,26 @@ async def _throttle(bytes_read: int, started: float, rate_mb: float | None) -> N
             await trio.sleep(ahead)
 
 
-async def _check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
-                        targets: list[Replica], report: Report, dry_run: bool,
-                        only: set[Replica] | None = None) -> set[Replica]:
-    """Verify the shares of some blocks of one inode on every target; rewrite the bad ones.
-    Returns the replicas that could not be given a share they lack."""
-    wanted = [(b, e) for b, e in wanted if e != HOLE]
-    if not wanted:
-        return set()
-    unhealed: set[Replica] = set()
-    size = volume.slot_size
-    reads = await volume.run_jobs(
-        [(r, partial(r.read_slots, [(ino, b, entry_slot(e)) for b, e in wanted], size))
-         for r in targets], len(targets))
-    writes: dict[Replica, list] = {}
-    healed_blocks: dict[Replica, list[int]] = {}
-    for position, (block, entry) in enumerate(wanted):
-        gen = entry_gen(entry)
-        good: dict[int, bytes] = {}
-        bad: list[Replica] = []
-        for r in targets:
-            raw = reads[r][position] if r in reads else b""
-            report.shares_checked += 1
-            report.bytes_read += len(raw)
-            share = volume.share_ok(r, ino, block, gen, raw)
-            if share is None:
-                bad.append(r)
-            else:
-                good[r.index] = share
-        report.blocks += 1
-        bad = [r for r in bad if only is None or r in only]
-        if not bad:
-            continue
-        for r in bad:
-            if r.state == ONLINE and only is None:
-                report.bad_shares += 1
-                r.counters.checksum += 1
-        if len(good) < volume.k:
-            report.unrepairable.append(f"{volume.path_of(ino)} block {block}: only {len(good)} "
-                                       f"good shares of the {volume.k} needed")
-            unhealed.update(bad)
-            continue
-        term = volume.tree.term_of(gen)
-        shares = _rebuild_shares(volume, ino, block, gen, term, good)
-        offset = format.slot_offset(block, entry_slot(entry), size)
-        for r in bad:
-            checksum = codec.share_checksum(volume.keys, volume.volume_id, ino, block, gen, term,
-                                            r.index, shares[r.index])
-            writes.setdefault(r, []).append((ino, offset, format.pack_slot(gen, checksum,
-                                                                           shares[r.index])))
-            healed_blocks.setdefault(r, []).append(block)
-    if writes and not dry_run:
-        written = await volume.run_jobs([(r, partial(r.write_slots, slots))
-                                     for r, slots in writes.items()], len(writes))
-        for r in written:
-            report.repaired_shares += len(writes[r])
-            volume.bad_shares.difference_update((r.index, ino, b) for b in healed_blocks[r])
-        unhealed.update(r for r in writes if r not in written)
-    return unhealed
-
-
-def _rebuild_shares(volume: Volume, ino: int, block: int, gen: int, term: int,
-                    good: dict[int, bytes]) -> list[bytes]:
-    sealed = codec.fec_decode(good, volume.k, volume.n, volume.block_size + codec.SEALED_OVERHEAD)
-    codec.decrypt_block(volume.keys, volume.volume_id, ino, block, gen, term, sealed)  # authenticates
-    return codec.fec_encode(sealed, volume.k, volume.n)
-
-
 async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_seq: int,
                                  report: Report, dry_run: bool) -> None:
     """Give stale or faulted replicas the blocks committed during the pass, then the snapshot."""
     lagging = {r for r in targets if r.state != ONLINE}
     if not lagging:
         return
-    await _give_blocks(volume, _blocks_since(volume.tree, start_seq, []), targets, report,
+    await give_blocks(volume, blocks_since(volume.tree, start_seq, []), targets, report,
                        dry_run, lagging)
     if dry_run:
         report.healed_replicas += [f"{r.path} (would heal: {r.state}, {r.reason})" for r in lagging]
         return
     sealed = volume.seal_snapshot()
-    done = await volume.run_jobs([(r, partial(_install_snapshot, volume, r, sealed)) for r in lagging],
-                             len(lagging))
+    done = await volume.replica_set.run_jobs(
+        [(r, partial(install_snapshot, volume, r, sealed)) for r in lagging], len(lagging))
     for r in lagging:
         if r in done:
             report.healed_replicas.append(r.path)
             log.info("replica %s healed and back online", r.path)
         else:
             report.unrepairable.append(f"{r.path}: could not be healed ({r.reason})")
-
-
-Touched = list[tuple[int, list[tuple[int, int]]]]
-
-
-async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Loaded]]) -> None:
-    """Bring replicas that only lag to the served state with exactly the blocks they lack,
-    then the current snapshot (as ZFS resilvers by birth txg, or DRBD by its bitmap).
-
-    A replica that shares the served log up to record `fork` holds every block born at or
-    before it, except those its own later (never acknowledged) records overwrote: it gets
-    the blocks born after the fork and those, verified and rebuilt from k good shares.
-    First its own log's inline slots that the served state still uses are redone: a power
-    cut may have lost them from its data files, and its log is about to be replaced."""
-    targets = _scrub_targets(volume)
-    report = Report()
-    async with volume.lock:
-        ready = []
-        rewritten: dict[Replica, int] = {}
-        for r, (fork, loaded) in lagging.items():
-            redo = {key: raw for key, raw in loaded.redo.items()
-                    if format.unpack_slot(raw)[0] <= fork and still_current(volume.tree, key, raw)}
-            if redo and not await volume.run_jobs([(r, partial(r.apply_redo, redo))], 1):
-                r.state, r.reason = FAULTED, "could not be caught up: redo of its log failed"
-                continue
-            before = report.repaired_shares
-            failed = await _give_blocks(volume, _blocks_since(volume.tree, fork, loaded.touched),
-                                        targets, report, False, {r})
-            rewritten[r] = report.repaired_shares - before
-            if failed:
-                r.state, r.reason = FAULTED, "could not be caught up: " + "; ".join(
-                    report.unrepairable[:1] or ["a write failed"])
-            else:
-                ready.append(r)
-        sealed = volume.seal_snapshot()
-        done = await volume.run_jobs([(r, partial(_install_snapshot, volume, r, sealed))
-                                      for r in ready], len(ready))
-        for r in ready:
-            if r in done:
-                log.info("replica %s caught up from record %d to %d: %d shares rewritten",
-                         r.path, lagging[r][0], volume.tree.seq, rewritten.get(r, 0))
-            elif r.state != FAULTED:
-                r.state, r.reason = FAULTED, "could not be caught up: its snapshot write failed"
-        volume.report_changes()
-
-
-async def _give_blocks(volume: Volume, wanted: dict[int, list[int]], targets: list[Replica],
-                      report: Report, dry_run: bool, only: set[Replica]) -> bool:
-    """Verify these blocks on every target and rewrite, on `only`, the shares they lack,
-    CHUNK_BLOCKS at a time; True if some could not be given."""
-    failed = False
-    for ino, blocks in sorted(wanted.items()):
-        entries = volume.tree.inodes[ino].blocks
-        for first in range(0, len(blocks), CHUNK_BLOCKS):
-            chunk = [(b, entries[b]) for b in blocks[first:first + CHUNK_BLOCKS]]
-            failed |= bool(await _check_blocks(volume, ino, chunk, targets, report, dry_run, only))
-    return failed
-
-
-def _blocks_since(tree: Tree, fork: int, touched: Touched) -> dict[int, list[int]]:
-    """Per inode, the blocks whose current version is newer than `fork`, plus those the
-    replica's own records after `fork` wrote (their slots may hold other content now)."""
-    out: dict[int, set[int]] = {}
-    for ino, node in tree.inodes.items():
-        if node.is_reg:
-            newer = {b for b, e in enumerate(node.blocks) if entry_gen(e) > fork}
-            if newer:
-                out[ino] = newer
-    for seq, blocks in touched:
-        if seq <= fork:
-            continue
-        for ino, index in blocks:
-            node = tree.inodes.get(ino)
-            if node is not None and node.is_reg and index < len(node.blocks):
-                out.setdefault(ino, set()).add(index)
-    return {ino: sorted(blocks) for ino, blocks in out.items()}
-
-
-def _install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
-    if r.header_damage:  # its share index was inferred at open: write it down now
-        r.write_header(volume.keys)
-        r.header_damage = ""
-    r.write_snapshot(volume.keys, volume.tree, sealed)
-    r.rejoin(volume.tree.seq)
 
 
 def tree_digest(tree: Tree) -> bytes:
@@ -315,7 +132,8 @@ async def _check_metadata(volume: Volume, targets: list[Replica], report: Report
                           dry_run: bool) -> None:
     """Reload each online replica's snapshot and log; rewrite any that do not give our tree."""
     online = [r for r in targets if r.state == ONLINE]
-    loaded = await volume.run_jobs([(r, partial(r.load, volume.keys)) for r in online], len(online))
+    loaded = await volume.replica_set.run_jobs([(r, partial(r.load, volume.keys)) for r in online],
+                                               len(online))
     want = tree_digest(volume.tree)
     sealed = None
     for r in online:
@@ -325,19 +143,20 @@ async def _check_metadata(volume: Volume, targets: list[Replica], report: Report
         report.metadata_repaired.append(r.path)
         if not dry_run:
             sealed = sealed or volume.seal_snapshot()
-            await volume.run_jobs([(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
+            await volume.replica_set.run_jobs(
+                [(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
 
 
 async def _remove_extra_files(volume: Volume, targets: list[Replica], report: Report,
                               dry_run: bool) -> None:
     """Data files of inodes that no longer exist (a crash between free and delete)."""
     live = {ino for ino, n in volume.tree.inodes.items() if n.is_reg}
-    listed = await volume.run_jobs([(r, partial(_extra_files, r, live)) for r in targets],
+    listed = await volume.replica_set.run_jobs([(r, partial(_extra_files, r, live)) for r in targets],
                                    len(targets))
     for r, (extra, leftovers) in listed.items():
         report.extra_files += len(extra) + len(leftovers)
         if (extra or leftovers) and not dry_run:
-            await volume.run_jobs([(r, partial(_remove_all, r, extra, leftovers))], 1)
+            await volume.replica_set.run_jobs([(r, partial(_remove_all, r, extra, leftovers))], 1)
 
 
 def _extra_files(r: Replica, live: set[int]) -> tuple[list[int], list[str]]:

@@ -18,13 +18,13 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
 import trio
 
-from . import codec, format, statechoice
+from . import codec, format, heal, statechoice
 from .opening import (
     VolumeError,
     load_views,
@@ -41,12 +41,14 @@ from .replica import (
     Replica,
     seal_snapshot,
 )
+from .replicaset import ReplicaSet
 from .tree import HOLE, Inode, Tree, encode_ops, entry_gen, entry_slot
 from .tree import name_to_json as _j
 
 log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
 INLINE_BLOCKS = 64  # commits of up to this many blocks write their data into the log too
+RETRY_SECONDS = 1.0  # how often a change that waits for W replicas looks for returning ones
 
 
 def fail(err: int, what: str = "") -> OSError:
@@ -60,6 +62,22 @@ class Options:
     cache_bytes: int = 16 << 20        # decoded-block cache
     dirty_bytes: int = 16 << 20        # buffered writes before a forced commit
     snapshot_log_bytes: int = 16 << 20  # log size that triggers a snapshot
+    # How long a change waits for W replicas before it fails with EIO.  Five minutes
+    # covers a NAS or router reboot; lightningd just sees a slow fsync meanwhile (its
+    # peers may disconnect and reconnect; HTLC deadlines are hours of blocks away).
+    suspend_timeout: float = 300.0
+
+
+@dataclass
+class PendingRecord:
+    """A sealed record handed to the replicas and not yet held by W of them."""
+    head: format.RecordHead
+    ops: list[dict]
+    slots: list[list[tuple[int, int, bytes]]]
+    inline: bool
+    inos: list[int]
+    freed: list[Inode]
+    records: list[bytes]   # per share index
 
 
 def _owner_unchanged(node: Inode, changes: dict) -> bool:
@@ -78,7 +96,7 @@ class Volume:
     def __init__(self, replicas: list[Replica], keys: codec.Keys, tree: Tree,
                  options: Options) -> None:
         header = next(r.header for r in replicas if r.header)
-        self.replicas = replicas
+        self.replica_set = ReplicaSet(replicas, options.deadline)
         self.keys = keys
         self.tree = tree
         self.options = options
@@ -86,7 +104,9 @@ class Volume:
         self.k, self.n, self.block_size = header.k, header.n, header.block_size
         self.slot_size = format.slot_size(self.block_size, self.k)
         self.quorum = tree.quorum or default_quorum(self.k, self.n)
-        self.suspended = ""                      # set when a commit missed quorum
+        self.suspended = ""                      # why changes fail with EIO (quorum lost too long)
+        self.waiting = ""                        # why a change is waiting for replicas
+        self.pending: PendingRecord | None = None  # the record that waits for W replicas
         self.writable = True
         self.choice: statechoice.Choice | None = None
         self.term = 0                            # this open's term; its first record starts it
@@ -107,9 +127,6 @@ class Volume:
         # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
         self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
         self._zero = bytes(self.block_size)
-        # Replica states last reported to `on_event`, so each change is told once.
-        self._reported = {r.path: r.state for r in replicas}
-        self.on_event: Callable[[str, str, str], None] = lambda event, path, reason: None
 
     @classmethod
     def open(cls, paths: list[str], master: bytes, options: Options | None = None,
@@ -156,7 +173,7 @@ class Volume:
         if writable:
             volume.term = choice.new_term()
             if lagging:
-                trio.run(volume._catch_up, lagging)
+                trio.run(heal.catch_up, volume, lagging)
         return volume
 
     def _start(self, views: list[statechoice.View]) -> None:
@@ -200,11 +217,6 @@ class Volume:
                 lagging[r] = (verdict.fork, view.loaded)
         return lagging
 
-    async def _catch_up(self, lagging: dict) -> None:
-        """Bring them to the served state: exactly the blocks they lack, then the snapshot."""
-        from .scrub import catch_up  # scrub builds on the volume, not the other way round
-        await catch_up(self, lagging)
-
     def check_quorum(self, can_join: int = 0) -> None:
         """Refuse to serve writes that could never be acknowledged (a mount would only
         give lightningd EIO on its first commit); scrub, which heals, does not ask.
@@ -227,81 +239,15 @@ class Volume:
         return max(self.quorum, self.wanted_quorum or 0)
 
     def close(self) -> None:
-        for r in self.replicas:
-            r.close(self.options.deadline)
+        self.replica_set.close()
 
-    # ---- replica I/O through the workers ----
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.replica_set.replicas
 
     @property
     def online(self) -> list[Replica]:
-        return [r for r in self.replicas if r.usable]
-
-    async def run_jobs(self, calls: list[tuple[Replica, Callable[[], object]]], need: int) -> dict:
-        """Run one job per replica; return {replica: result} once `need` succeeded, all
-        answered, or the deadline passed (then the silent ones are marked FAULTED)."""
-        self.check_deadlines()
-        if not calls:
-            return {}
-        token = trio.lowlevel.current_trio_token()
-        answers: list[tuple[Replica, object, BaseException | None]] = []
-        decided = trio.Event()
-
-        def on_done(replica: Replica, result: object, error: BaseException | None) -> None:
-            # In the worker thread: wake the trio side once, when the outcome is decided,
-            # rather than once per answer (each wake-up is a syscall and a scheduler pass).
-            answers.append((replica, result, error))
-            successes = sum(1 for answer in answers if answer[2] is None)
-            if successes >= need or len(answers) == len(calls):
-                try:
-                    token.run_sync_soon(decided.set)
-                except trio.RunFinishedError:
-                    pass
-
-        for replica, job in calls:
-            replica.worker.submit(job, partial(on_done, replica))
-        with trio.move_on_after(self.options.deadline):
-            await decided.wait()
-        results: dict[Replica, object] = {}
-        answered: set[Replica] = set()
-        for replica, result, error in list(answers):
-            answered.add(replica)
-            if error is None:
-                results[replica] = result
-            else:
-                self._fault(replica, f"{type(error).__name__}: {error}")
-        if len(results) < need:
-            for replica, _ in calls:
-                if replica not in answered:
-                    self._fault(replica, f"no answer within {self.options.deadline:g}s")
-        self.report_changes()
-        return results
-
-    def report_changes(self) -> None:
-        """Tell `on_event` about replicas that faulted or came back since the last call
-        (a worker thread may have marked its replica FAULTED on its own)."""
-        for r in self.replicas:
-            before = self._reported.get(r.path)
-            if r.state == before:
-                continue
-            self._reported[r.path] = r.state
-            if r.state == ONLINE:
-                self.on_event("healed", r.path, "")
-            elif before == ONLINE or before is None:
-                self.on_event("faulted", r.path, r.reason)
-
-    def check_deadlines(self) -> None:
-        """A replica whose oldest job is past the deadline is FAULTED even if the others
-        made the quorum without it: otherwise a hung NAS would just pile up work."""
-        now = time.monotonic()
-        for r in self.replicas:
-            since = r.worker.oldest_pending() if r.worker else None
-            if r.state != FAULTED and since is not None and now - since > self.options.deadline:
-                self._fault(r, f"no answer within {self.options.deadline:g}s")
-
-    def _fault(self, replica: Replica, reason: str) -> None:
-        if replica.state == ONLINE:
-            log.warning("replica %s faulted: %s", replica.path, reason)
-        replica.mark(FAULTED, reason)
+        return self.replica_set.online
 
     # ---- commit: the only way anything reaches the replicas ----
 
@@ -321,9 +267,7 @@ class Volume:
         write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
         ops = (self._quorum_ops() + self._blame_ops() + [{"op": "free", "ino": n.ino} for n in freed]
                + write_ops + ops)
-        await self._write_record(seq, ops, slots, inos)
-        for node in freed:
-            self._forget(node)
+        await self._write_record(seq, ops, slots, inos, freed)
 
     async def start_term(self) -> None:
         """The first record of a writable open holds nothing but its term, and must reach W
@@ -341,32 +285,118 @@ class Volume:
             raise fail(errno.EROFS, "volume opened read-only")
 
     async def _write_record(self, seq: int, ops: list[dict], slots: list[list],
-                            inos: list[int]) -> None:
-        """Seal one record, hand it to every online replica, wait for W, apply it."""
+                            inos: list[int], freed: list[Inode] = ()) -> None:
+        """Seal one record, hand it to every online replica, wait for W (riding through a
+        lost quorum up to the suspend timeout), apply it."""
         need = self.commit_quorum()
         head = format.RecordHead(seq, self.term, self.committed, time.time_ns() // 1_000_000, need)
         sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, head.context(),
                                    encode_ops(ops))
         # Small commits carry their shares in the log record: one fdatasync per replica.
         inline = len(slots[0]) <= INLINE_BLOCKS
-        records = [format.pack_record(head, sealed, b"".join(s[2] for s in mine) if inline else b"")
-                   for mine in slots]
+        record = PendingRecord(head, ops, slots, inline, inos, list(freed), [
+            format.pack_record(head, sealed, b"".join(s[2] for s in mine) if inline else b"")
+            for mine in slots])
         # Once the record is handed to the replicas it exists there: a cancelled caller
         # (shutdown, a killed scrub) must not leave it unapplied here, or the next record
         # would reuse its number.  run_jobs is bounded by the deadline.
         with trio.CancelScope(shield=True):
-            done = await self.run_jobs(
-                [(r, partial(r.commit, slots[r.index], records[r.index], inline, seq))
-                 for r in self.online], need)
+            await self._send(record, need)
             self.stats["commits"] += 1
-            if len(done) < need:
-                self._lose_quorum(seq, len(done), need, inos)
-            self.tree.apply(seq, head.term, head.time_ms, ops, head.commit)
-            self._acknowledged(seq)
-            self._settle_inflight(inos)
-            self.log_bytes += len(records[0])
-            if self.log_bytes > self.options.snapshot_log_bytes:
-                await self.snapshot()
+        if len(self._holders(record)) < need:
+            await self._ride_through(record)
+        with trio.CancelScope(shield=True):
+            await self._apply(record)
+
+    def _holders(self, record: PendingRecord) -> list[Replica]:
+        """Online replicas that wrote this record (one healed meanwhile got a snapshot of
+        the state before it, which set its last_seq back)."""
+        return [r for r in self.online if (r.last_seq or 0) >= record.head.seq]
+
+    async def _send(self, record: PendingRecord, need: int) -> None:
+        """Hand the record to the online replicas that lack it.  With `need` below their
+        number the slowest ones finish in the background (they hold it all the same)."""
+        holders = self._holders(record)
+        targets = [r for r in self.online if r not in holders]
+        seq = record.head.seq
+        await self.replica_set.run_jobs(
+            [(r, partial(r.commit, record.slots[r.index], record.records[r.index], record.inline,
+                         seq)) for r in targets], min(need, len(targets)))
+
+    async def _ride_through(self, record: PendingRecord) -> None:
+        """Fewer than W replicas hold the record: wait for faulted ones to come back, catch
+        them up and give them the record, up to the suspend timeout; past it (or if the
+        wait is cancelled) the volume is SUSPENDED with the record pending, and EIO."""
+        self.pending = record
+        timeout = self.options.suspend_timeout
+        self.waiting = (f"write quorum lost at record {record.head.seq}: "
+                        f"{len(self._holders(record))} of the needed {self.commit_quorum()} "
+                        f"replicas hold it; waiting up to {timeout:g}s for the others")
+        log.warning("%s", self.waiting)
+        self.replica_set.on_event("quorum-lost", "", self.waiting)
+        try:
+            with trio.move_on_after(timeout):
+                while not await self._try_pending():
+                    await trio.sleep(RETRY_SECONDS)
+        finally:
+            self.waiting = ""
+            if self.pending is not None:
+                self.suspended = (f"write quorum lost at record {record.head.seq} for more "
+                                  f"than the suspend timeout ({timeout:g}s): "
+                                  f"{len(self._holders(record))} of {self.commit_quorum()} "
+                                  "replicas hold it; changes fail with EIO until enough "
+                                  "replicas are back (the mount resumes by itself)")
+                log.error("%s", self.suspended)
+                self.replica_set.on_event("suspended", "", self.suspended)
+                self._requeue_inflight(record.inos)
+        if self.pending is not None:
+            raise fail(errno.EIO, self.suspended)
+
+    async def _try_pending(self) -> bool:
+        """Bring back the replicas that answer again and give them the pending record;
+        True once W replicas hold it."""
+        record = self.pending
+        if len(self._holders(record)) < self.commit_quorum():
+            await heal.rejoin(self, await self.replica_set.reconnect(self.keys))
+            await self._send(record, len(self.online))
+        if len(self._holders(record)) < self.commit_quorum():
+            return False
+        self.pending = None
+        return True
+
+    async def bring_back(self) -> None:
+        """The daemon's way back from faults: faulted replicas that answer again are
+        reconnected (without the lock: a replica may hang right then), then caught up,
+        and a record left pending past the suspend timeout is completed."""
+        back = await self.replica_set.reconnect(self.keys)
+        if back or self.pending:
+            async with self.lock:
+                await heal.rejoin(self, back)
+                await self.resume()
+
+    async def resume(self) -> None:
+        """Complete a record left pending past the suspend timeout, if W replicas can hold
+        it now, and lift the suspension.  Caller holds self.lock."""
+        record = self.pending
+        if record is None or not await self._try_pending():
+            return
+        with trio.CancelScope(shield=True):
+            await self._apply(record)
+        log.warning("resumed: record %d reached the write quorum; writes accepted again",
+                    record.head.seq)
+        self.replica_set.on_event("resumed", "", self.suspended)
+        self.suspended = ""
+
+    async def _apply(self, record: PendingRecord) -> None:
+        head = record.head
+        self.tree.apply(head.seq, head.term, head.time_ms, record.ops, head.commit)
+        self._acknowledged(head.seq)
+        self._settle_inflight(record.inos)
+        for node in record.freed:
+            self._forget(node)
+        self.log_bytes += len(record.records[0])
+        if self.log_bytes > self.options.snapshot_log_bytes:
+            await self.snapshot()
 
     def _quorum_ops(self) -> list[dict]:
         """A W asked for at mount is logged by the open's first record after its term."""
@@ -378,14 +408,6 @@ class Volume:
         self.quorum = self.tree.quorum
         if self.wanted_quorum == self.quorum:
             self.wanted_quorum = None
-
-    def _lose_quorum(self, seq: int, answered: int, need: int, inos: list[int]) -> None:
-        self.suspended = (f"write quorum lost at record {seq}: {answered} of the needed "
-                          f"{need} replicas answered")
-        log.error("%s; further changes fail with EIO until remount", self.suspended)
-        self.on_event("quorum-lost", "", self.suspended)
-        self._requeue_inflight(inos)
-        raise fail(errno.EIO, self.suspended)
 
     def _blame_ops(self) -> list[dict]:
         """Blame every share no online replica holds (faulted, stale, or missing: it gets
@@ -454,7 +476,7 @@ class Volume:
         """Write the whole tree to every online replica and empty their logs."""
         sealed = self.seal_snapshot()
         targets = self.online
-        await self.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))
+        await self.replica_set.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))
                          for r in targets], len(targets))
         self.log_bytes = 0
 
@@ -533,7 +555,7 @@ class Volume:
             ask = self.k - min(len(shares[index]) for index, _, _ in remaining)
             batch, candidates = candidates[:ask], candidates[ask:]
             wanted_slots = [(ino, index, slot) for index, _, slot in remaining]
-            results = await self.run_jobs(
+            results = await self.replica_set.run_jobs(
                 [(r, partial(r.read_shares, wanted_slots, self.slot_size)) for r in batch],
                 len(batch))
             for r, raws in results.items():
@@ -867,24 +889,19 @@ class Volume:
             async with self.lock:
                 await self.commit(ops)
 
-    async def probe(self) -> dict[Replica, tuple[int, int]]:
-        """Ask every online replica, in its own worker and within the deadline, that its
-        directory is there and how big its filesystem is: a vanished or hung replica is
-        FAULTED while the node is idle, and no statvfs ever runs on the event loop."""
-        return await self.run_jobs([(r, r.probe) for r in self.online], len(self.online))
-
     async def statfs(self) -> tuple[int, int]:
         """(total, free) logical bytes: limited by the fullest replica; shares are 1/k of a block."""
-        sizes = [(total * self.k, free * self.k) for total, free in (await self.probe()).values()]
+        sizes = [(total * self.k, free * self.k)
+                 for total, free in (await self.replica_set.probe()).values()]
         return min(sizes, default=(0, 0), key=lambda s: s[1])
 
     async def status(self) -> dict:
-        free = {r: space[1] for r, space in (await self.probe()).items()}
-        self.check_deadlines()
-        self.report_changes()
+        free = {r: space[1] for r, space in (await self.replica_set.probe()).items()}
         healthy = all(r.state == ONLINE for r in self.replicas)
-        state = "SUSPENDED" if self.suspended else ("ONLINE" if healthy else "DEGRADED")
-        return {"volume": self.volume_id.hex(), "state": state, "reason": self.suspended,
+        state = ("SUSPENDED" if self.suspended else "WAITING" if self.waiting
+                 else "ONLINE" if healthy else "DEGRADED")
+        return {"volume": self.volume_id.hex(), "state": state,
+                "reason": self.suspended or self.waiting,
                 "k": self.k, "n": self.n, "quorum": self.quorum, "record": self.tree.seq,
                 "written_ms": self.tree.time_ms, "committed": self.committed,
                 "term": statechoice.term_number(self.term or self.tree.term),

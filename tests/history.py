@@ -39,6 +39,9 @@ from lnmirrorfs.replica import DELETED_SUFFIX, ONLINE, Replica
 from lnmirrorfs.tree import Tree
 from lnmirrorfs.volume import Options, Volume, VolumeError, default_quorum
 
+# A change that misses W fails at once (the mount's ride-through is tested on real mounts).
+OPTIONS = {"deadline": 5.0, "suspend_timeout": 0.0}
+
 NAMES = [b"f0", b"f1", b"f2", b"f3"]
 BLOCK = 512
 
@@ -205,7 +208,7 @@ class History:
         provable = self.provable()
         try:
             volume = Volume.open([str(p) for p in self.paths], self.master,
-                                 Options(quorum=quorum, deadline=5.0), writable=writable)
+                                 Options(quorum=quorum, **OPTIONS), writable=writable)
         except VolumeError as exc:
             self.stats.refused += 1
             self.refused(str(exc), writable, provable)
@@ -403,7 +406,7 @@ class History:
         at W answers; the others' outcome must be known before the next step)."""
         while any(r.worker and r.worker.pending for r in self.volume.replicas):
             time.sleep(0.0005)
-        self.volume.report_changes()
+        self.volume.replica_set.report_changes()
 
     def holders_from(self, volume: Volume, fates: dict[int, str] | None = None) -> None:
         """After an acknowledged record: the replicas that got it hold everything."""
@@ -528,7 +531,7 @@ class History:
         self.note("scrub")
         provable = self.provable()
         try:
-            volume = Volume.open([str(p) for p in self.paths], self.master, Options(deadline=5.0))
+            volume = Volume.open([str(p) for p in self.paths], self.master, Options(**OPTIONS))
         except VolumeError as exc:
             self.refused(str(exc), True, provable)
             return
@@ -565,7 +568,7 @@ class History:
         provable = self.provable()
         others = [str(p) for i, p in enumerate(self.paths) if i not in self.away]
         try:
-            volume = Volume.open(others, self.master, Options(deadline=5.0))
+            volume = Volume.open(others, self.master, Options(**OPTIONS))
         except VolumeError as exc:
             self.refused(str(exc), True, provable)
             return
@@ -593,7 +596,7 @@ class History:
             return
         try:
             volume = Volume.open([str(p) for p in self.paths], self.master,
-                                 Options(deadline=5.0), writable=False)
+                                 Options(**OPTIONS), writable=False)
         except VolumeError as exc:
             self.refused(str(exc), False, True)
             return

@@ -136,9 +136,13 @@ def mount_parser() -> argparse.ArgumentParser:
                         "text, or the replica list A:B")
     add_replica_args(p)
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="replica=A:B, key=PATH, quorum=W, deadline=SECONDS, config=TOML, "
+                   help="replica=A:B, key=PATH, quorum=W, deadline=SECONDS, "
+                        "suspend_timeout=SECONDS, config=TOML, "
                         "nonempty; mount(8) options are ignored, the rest goes to FUSE "
                         "(e.g. allow_other)")
+    p.add_argument("--suspend-timeout", type=float, metavar="SECONDS",
+                   help="how long a change waits for the write quorum while replicas are away "
+                        "before it fails with EIO (default 300; the mount resumes by itself)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="do not daemonize; log to stderr (systemd runs it like this)")
     p.add_argument("--log-file", metavar="PATH", help="log here (default when daemonized: syslog, "

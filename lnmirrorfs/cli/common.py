@@ -79,7 +79,8 @@ def resolve_key(replicas: list[str], key_file: str | None) -> bytes:
 
 # Keys a config file may set, and the argument each one fills when the command line did not.
 _CONFIG_KEYS = {"replicas": "replica", "key_file": "key_file", "quorum": "quorum",
-                "deadline": "deadline", "on_degraded": "on_degraded", "mountpoint": "mountpoint",
+                "deadline": "deadline", "suspend_timeout": "suspend_timeout",
+                "on_degraded": "on_degraded", "mountpoint": "mountpoint",
                 "log_file": "log_file"}
 
 
@@ -110,7 +111,14 @@ def apply_config(args: argparse.Namespace) -> None:
 
 
 def volume_options(args: argparse.Namespace) -> Options:
-    return Options(quorum=args.quorum, deadline=args.deadline or 10.0)
+    options = Options(quorum=args.quorum, deadline=args.deadline or 10.0)
+    timeout = getattr(args, "suspend_timeout", None)
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+                0 <= timeout <= 86400):
+            raise CliError(f"suspend timeout {timeout!r} must be between 0 and 86400 seconds")
+        options.suspend_timeout = float(timeout)
+    return options
 
 
 def open_volume(replicas: list[str], key_file: str | None, options: Options,

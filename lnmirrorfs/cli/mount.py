@@ -42,6 +42,8 @@ def parse_mount_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list
             args.quorum = _number(int, name, value)
         elif name == "deadline":
             args.deadline = _number(float, name, value)
+        elif name == "suspend_timeout":
+            args.suspend_timeout = _number(float, name, value)
         elif name == "config":
             args.config = value
         elif name == "log_file":

@@ -1,0 +1,134 @@
+"""The replica set: jobs run on every replica's worker within the deadline, faults marked
+and told once, the health probe, and reconnecting faulted replicas that answer again.
+
+It knows replicas, not the tree: what a reconnected replica must be given to rejoin is
+heal's business, and which records it must hold is the volume's."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+
+import trio
+
+from . import codec
+from .replica import FAULTED, ONLINE, Loaded, Replica
+
+log = logging.getLogger("lnmirrorfs.replicaset")
+Event = Callable[[str, str, str], None]
+
+
+class ReplicaSet:
+    def __init__(self, replicas: list[Replica], deadline: float) -> None:
+        self.replicas = replicas
+        self.deadline = deadline
+        self.on_event: Event = lambda event, path, reason: None
+        # Replica states last reported to `on_event`, so each change is told once.
+        self._reported = {r.path: r.state for r in replicas}
+        self._reconnecting = trio.Lock()
+
+    @property
+    def online(self) -> list[Replica]:
+        return [r for r in self.replicas if r.usable]
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.close(self.deadline)
+
+    async def run_jobs(self, calls: list[tuple[Replica, Callable[[], object]]], need: int) -> dict:
+        """Run one job per replica; return {replica: result} once `need` succeeded, all
+        answered, or the deadline passed (then the silent ones are marked FAULTED)."""
+        self.check_deadlines()
+        if not calls:
+            return {}
+        token = trio.lowlevel.current_trio_token()
+        answers: list[tuple[Replica, object, BaseException | None]] = []
+        decided = trio.Event()
+
+        def on_done(replica: Replica, result: object, error: BaseException | None) -> None:
+            # In the worker thread: wake the trio side once, when the outcome is decided,
+            # rather than once per answer (each wake-up is a syscall and a scheduler pass).
+            answers.append((replica, result, error))
+            successes = sum(1 for answer in answers if answer[2] is None)
+            if successes >= need or len(answers) == len(calls):
+                try:
+                    token.run_sync_soon(decided.set)
+                except trio.RunFinishedError:
+                    pass
+
+        for replica, job in calls:
+            replica.worker.submit(job, partial(on_done, replica))
+        with trio.move_on_after(self.deadline):
+            await decided.wait()
+        results: dict[Replica, object] = {}
+        answered: set[Replica] = set()
+        for replica, result, error in list(answers):
+            answered.add(replica)
+            if error is None:
+                results[replica] = result
+            else:
+                self.fault(replica, f"{type(error).__name__}: {error}")
+        if len(results) < need:
+            for replica, _ in calls:
+                if replica not in answered:
+                    self.fault(replica, f"no answer within {self.deadline:g}s")
+        self.report_changes()
+        return results
+
+    def report_changes(self) -> None:
+        """Tell `on_event` about replicas that faulted or came back since the last call
+        (a worker thread may have marked its replica FAULTED on its own)."""
+        for r in self.replicas:
+            before = self._reported.get(r.path)
+            if r.state == before:
+                continue
+            self._reported[r.path] = r.state
+            if r.state == ONLINE:
+                self.on_event("healed", r.path, "")
+            elif before == ONLINE or before is None:
+                self.on_event("faulted", r.path, r.reason)
+
+    def check_deadlines(self) -> None:
+        """A replica whose oldest job is past the deadline is FAULTED even if the others
+        made the quorum without it: otherwise a hung NAS would just pile up work."""
+        now = time.monotonic()
+        for r in self.replicas:
+            since = r.worker.oldest_pending() if r.worker else None
+            if r.state != FAULTED and since is not None and now - since > self.deadline:
+                self.fault(r, f"no answer within {self.deadline:g}s")
+
+    def fault(self, replica: Replica, reason: str) -> None:
+        if replica.state == ONLINE:
+            log.warning("replica %s faulted: %s", replica.path, reason)
+        replica.mark(FAULTED, reason)
+
+    async def probe(self) -> dict[Replica, tuple[int, int]]:
+        """Ask every online replica, in its own worker and within the deadline, that its
+        directory is there and how big its filesystem is: a vanished or hung replica is
+        FAULTED while the node is idle, and no statvfs ever runs on the event loop."""
+        online = self.online
+        return await self.run_jobs([(r, r.probe) for r in online], len(online))
+
+    async def reconnect(self, keys: codec.Keys) -> dict[Replica, Loaded]:
+        """Faulted replicas whose worker is idle again (a hung one came back, or its job
+        failed): take each one's lock again, check it is the same replica, and read what
+        its log holds.  Those that answer are returned, still FAULTED, for a catch-up.
+        A replica an operator took offline, or one that needs a full heal, is left alone."""
+        async with self._reconnecting:
+            faulted = [r for r in self.replicas if r.state == FAULTED and r.header and r.worker
+                       and not r.worker.pending and not r.offline and not r.heal_needed]
+            if not faulted:
+                return {}
+            answers = await self.run_jobs([(r, partial(_reload, r, keys)) for r in faulted],
+                                          len(faulted))
+            for r in faulted:
+                if r not in answers:
+                    log.debug("replica %s still away: %s", r.path, r.reason)
+            return answers
+
+
+def _reload(r: Replica, keys: codec.Keys) -> Loaded:
+    r.reopen()
+    return r.load(keys)
