@@ -89,6 +89,11 @@ def _control_handler(volume: Volume) -> control.Handler:
                     return (await scrub.scrub(volume, progress=_heal_progress(volume))).as_dict()
                 finally:
                     volume.heal_progress = None
+        if command == "offline":
+            path = request.get("replica")
+            if not isinstance(path, str):
+                return {"error": "offline needs the replica directory"}
+            return await volume.offline(path)
         return {"error": f"unknown command {command!r}"}
     return handle
 

@@ -27,7 +27,7 @@ from functools import partial
 from . import codec, format
 from .tree import Tree, TreeError, block_entry, decode_ops
 
-ONLINE, STALE, FAULTED, MISSING = "ONLINE", "STALE", "FAULTED", "MISSING"
+ONLINE, STALE, FAULTED, MISSING, OFFLINE = "ONLINE", "STALE", "FAULTED", "MISSING", "OFFLINE"
 _MAX_OPEN_DATA_FILES = 256
 # The log grows by zero-filled chunks: appending inside already-written space changes no
 # file size, so the per-commit fdatasync has no metadata to journal.
@@ -88,10 +88,12 @@ class Worker:
         self._submitted.append(time.monotonic())
         self._jobs.put((job, done))
 
-    def stop(self, timeout: float) -> None:
-        """Finish the queued jobs (replicas past quorum may still be writing), then end."""
+    def stop(self, timeout: float) -> bool:
+        """Finish the queued jobs (replicas past quorum may still be writing), then end;
+        False if a job still hangs after `timeout` (the thread is left behind)."""
         self._jobs.put((None, None))
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:
@@ -260,18 +262,27 @@ class Replica:
         self.housekeeper = Worker(f"replica-{self.index}-housekeeping")
 
     def close(self, timeout: float = 30.0) -> None:
+        hung = False
         if self.worker:
-            self.worker.stop(timeout)
-            self.housekeeper.stop(timeout)
+            if self.state == FAULTED and self.worker.pending:
+                timeout = 0  # its job hung long ago: do not wait for it again
+            hung = not (self.worker.stop(timeout) & self.housekeeper.stop(timeout))
             self.worker = self.housekeeper = None
-        for fd in self._data_fds.values():
-            os.close(fd)
+        fds = [fd for fd in [*self._data_fds.values(), self._log_fd, self._lock_fd]
+               if fd is not None]
         self._data_fds.clear()
-        for attr in ("_log_fd", "_lock_fd"):
-            fd = getattr(self, attr)
-            if fd is not None:
+        self._log_fd = self._lock_fd = None
+        if not hung:
+            for fd in fds:
                 os.close(fd)
-                setattr(self, attr, None)
+            return
+        # A close on a hung filesystem (a FUSE or NFS mount that stopped answering) blocks
+        # in its flush.  Each descriptor is closed in a thread of its own: it leaves the
+        # descriptor table at once, so the process can still exit (the flush waits are
+        # killable while the request is not taken), and nothing here waits for them.
+        for fd in fds:
+            threading.Thread(target=_close_quietly, args=(fd,), daemon=True).start()
+        time.sleep(0.1)  # let each thread take its descriptor out of the table
 
     def mark(self, state: str, reason: str) -> None:
         if self.state == ONLINE or state == MISSING:
@@ -578,6 +589,13 @@ class Replica:
                 "header_damage": self.header_damage,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # a dead mount's descriptor: gone either way
 
 
 def unlink_quietly(path: str) -> None:

@@ -178,23 +178,9 @@ def _summary(report: Report) -> dict:
 
 # ---------------------------------------------------------------- replace
 
-def replacement_index(volume: Volume, old_path: str) -> int:
-    """The share the dead replica held: from its header if readable, else the one unaccounted for."""
-    old = os.path.realpath(old_path)
-    for r in volume.replicas:
-        if os.path.realpath(r.path) == old and r.header:
-            return r.index
-    held = {r.index for r in volume.replicas if r.header and os.path.realpath(r.path) != old}
-    missing = sorted(set(range(volume.n)) - held)
-    if len(missing) != 1:
-        raise VolumeError(f"cannot tell which share {old_path} held (shares not present: "
-                          f"{missing}); give every other replica with --replica")
-    return missing[0]
-
-
 def attach_replacement(volume: Volume, old_path: str, new_path: str) -> Replica:
     """Lay out NEW as share `index` of the volume and put it in OLD's place, STALE until healed."""
-    index = replacement_index(volume, old_path)
+    index = volume.share_of(old_path)
     header = dataclasses.replace(next(r.header for r in volume.replicas if r.header),
                                  share_index=index)
     empty = Tree.new(volume.block_size, 0, 0, 0, volume.quorum)

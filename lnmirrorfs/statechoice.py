@@ -221,9 +221,14 @@ def _doubt(views: list[View], vouching: list[View], choice: Choice, n: int) -> s
 
     A replica vouches unless it provably lost acknowledged records (it ends below the
     commit point, or the served state blames it): such a replica may be an old copy,
-    and an old copy is no evidence about what the real one held."""
+    and an old copy is no evidence about what the real one held.  Shares the operator
+    took offline (in the served state) get no records after that: the pigeonhole runs
+    over the others."""
     quorum = min([choice.tree.quorum_since(choice.commit)]
                  + [v.loaded.tree.quorum for v in vouching])
+    offline = set(choice.tree.offline)
+    vouching = [v for v in vouching if v.index not in offline]
+    n -= len(offline)
     need = n - quorum + 1
     if len(vouching) >= need:
         return ""

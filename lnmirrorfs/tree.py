@@ -148,6 +148,7 @@ class Tree:
         self.blamed_at: dict[int, int] = {}   # the record that blamed each share
         self.blamed_since: dict[int, int] = {}  # the first record it lacks, when known
         self.error_counts: dict[int, dict[str, int]] = {}  # per share index, across mounts
+        self.offline: dict[int, int] = {}  # shares the operator took offline: the W before
         self.last_scrub: dict = {}
 
     @classmethod
@@ -281,6 +282,14 @@ class Tree:
         self.quorum = w
         self.quorums.append((seq, w))
 
+    def _op_offline(self, seq: int, op: dict) -> None:
+        """The operator runs without this share until it is replaced (the record's quorum
+        op, after this one, lowers W to what the others can reach)."""
+        self.offline[op["replica"]] = self.quorum
+
+    def _op_online(self, seq: int, op: dict) -> None:
+        self.offline.pop(op["replica"], None)
+
     def _op_free(self, seq: int, op: dict) -> None:
         del self.inodes[op["ino"]]
 
@@ -332,6 +341,7 @@ class Tree:
                "blamed_at": {str(k): v for k, v in self.blamed_at.items()},
                "blamed_since": {str(k): v for k, v in self.blamed_since.items()},
                "errors": {str(k): v for k, v in self.error_counts.items()},
+               "offline": {str(k): v for k, v in self.offline.items()},
                "last_scrub": self.last_scrub,
                "inodes": [n.to_json() for n in self.inodes.values()]}
         return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
@@ -353,6 +363,7 @@ class Tree:
             tree.blamed_at = {int(k): v for k, v in doc["blamed_at"].items()}
             tree.blamed_since = {int(k): v for k, v in doc["blamed_since"].items()}
             tree.error_counts = {int(k): v for k, v in doc["errors"].items()}
+            tree.offline = {int(k): v for k, v in doc.get("offline", {}).items()}
             tree.last_scrub = doc["last_scrub"]
             for d in doc["inodes"]:
                 node = Inode.from_json(d)

@@ -35,6 +35,7 @@ from .opening import (
 from .replica import (
     FAULTED,
     MISSING,
+    OFFLINE,
     ONLINE,
     STALE,
     Counters,
@@ -49,6 +50,9 @@ log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
 INLINE_BLOCKS = 64  # commits of up to this many blocks write their data into the log too
 RETRY_SECONDS = 1.0  # how often a change that waits for W replicas looks for returning ones
+
+
+OFFLINE_REASON = "taken offline by the operator (lnmirror replace brings a new one in)"
 
 
 def fail(err: int, what: str = "") -> OSError:
@@ -113,6 +117,8 @@ class Volume:
         self.term_started = False
         self.committed = tree.seq                # highest record known acknowledged
         self.wanted_quorum: int | None = None    # a W change the record after the term logs
+        self.quorum_lowered = False              # ...that holds at once (a replica taken offline)
+        self.offlined: set[int] = set(tree.offline)  # shares taken offline, logged or about to be
         self.heal_progress: dict | None = None   # a live scrub's {"done", "total"} bytes
         self.lock = trio.Lock()                  # serializes check + commit + apply
         self.dirty: dict[int, dict[int, bytearray]] = {}
@@ -160,6 +166,8 @@ class Volume:
             verdict = choice.verdicts[view.name]
             if r.header is not None:
                 r.state, r.reason = verdict.state, verdict.reason
+                if r.index in choice.tree.offline:
+                    r.state, r.reason, r.offline = OFFLINE, OFFLINE_REASON, True
         volume = cls(replicas, keys, choice.tree, options)
         volume.choice, volume.writable = choice, writable
         volume._set_quorum(options.quorum)
@@ -235,8 +243,87 @@ class Volume:
                               f"{self.commit_quorum()}: {'; '.join(problems)}; {advice}")
 
     def commit_quorum(self) -> int:
-        """W for the next record: the stricter of the old and new W while a change is pending."""
+        """W for the next record: the stricter of the old and new W while a change is
+        pending, except that taking a replica offline lowers it at once (the operator's
+        call: the replica is gone, and waiting for it would never end)."""
+        if self.quorum_lowered and self.wanted_quorum:
+            return self.wanted_quorum
         return max(self.quorum, self.wanted_quorum or 0)
+
+    def share_of(self, path: str) -> int:
+        """The share a replica directory holds: from its header if readable, else the one
+        no other replica given accounts for."""
+        wanted = os.path.realpath(path)
+        for r in self.replicas:
+            if os.path.realpath(r.path) == wanted and r.header:
+                return r.index
+        held = {r.index for r in self.replicas if r.header and os.path.realpath(r.path) != wanted}
+        missing = sorted(set(range(self.n)) - held)
+        if len(missing) != 1:
+            raise VolumeError(f"cannot tell which share {path} held (shares not present: "
+                              f"{missing}); give every other replica with --replica")
+        return missing[0]
+
+    def take_offline(self, path: str) -> str:
+        """Run without a replica that is gone for good until `lnmirror replace` brings a new
+        one in (as `zpool offline` does): it is never written or probed again, and W drops
+        to what the others can reach.  The next record logs both (the state choice then
+        blames it and proves with the lower W).  Returns the risk, in one line."""
+        index = self.share_of(path)
+        if index in self.offlined:
+            raise VolumeError(f"{path} (share {index}) is offline already")
+        left = self.n - len(self.offlined) - 1
+        if left < self.k:
+            raise VolumeError(f"taking {path} offline would leave {left} replica(s), fewer "
+                              f"than the k={self.k} that hold a block")
+        self.offlined.add(index)
+        for r in self.replicas:
+            if (r.header and r.index == index) or os.path.realpath(r.path) == os.path.realpath(path):
+                r.state, r.reason, r.offline = OFFLINE, OFFLINE_REASON, True
+        if left < self.commit_quorum():
+            self.wanted_quorum, self.quorum_lowered = left, True
+        log.warning("replica %s (share %d) taken offline: %s", path, index, self.offline_risk())
+        return self.offline_risk()
+
+    async def offline(self, path: str) -> dict:
+        """take_offline, then log it: a change waiting for that replica completes with the
+        lower W within a second, then a record of its own logs the offline op."""
+        try:
+            risk = self.take_offline(path)
+        except VolumeError as exc:
+            return {"error": str(exc)}
+        async with self.lock:
+            await self.resume()
+            try:
+                await self.commit([])
+            except OSError as exc:
+                return {"risk": risk, "recorded": False,
+                        "error": f"taken offline, but not logged yet: {exc.strerror or exc}"}
+        return {"risk": risk, "recorded": True, "record": self.tree.seq}
+
+    def offline_risk(self) -> str:
+        if not self.offlined:
+            return ""
+        w = self.commit_quorum()
+        return (f"share(s) {', '.join(map(str, sorted(self.offlined)))} offline: commits need "
+                f"{w} of the {self.n - len(self.offlined)} replica(s) left, which can lose "
+                f"{w - self.k} more without losing acknowledged changes; lnmirror replace "
+                "restores full strength")
+
+    def _membership_ops(self) -> list[dict]:
+        """Log replicas taken offline, and offline ones a replace brought back (W goes back
+        up to what it was, as far as the replicas left allow)."""
+        ops = [{"op": "offline", "replica": i} for i in sorted(self.offlined - set(self.tree.offline))]
+        back = sorted(i for i in self.tree.offline if any(
+            r.header and r.index == i and r.state == ONLINE for r in self.replicas))
+        for i in back:
+            ops.append({"op": "online", "replica": i})
+            self.offlined.discard(i)
+        if back:
+            restored = min(max(self.tree.offline[i] for i in back), self.n - len(self.offlined))
+            if restored > self.quorum:
+                self.wanted_quorum, self.quorum_lowered = restored, False
+        return ops
 
     def close(self) -> None:
         self.replica_set.close()
@@ -255,8 +342,9 @@ class Volume:
         """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
         inos = list(inos)
         self._check_writable()
+        membership = self._membership_ops()
         if not (ops or any(self.dirty.get(i) for i in inos) or self.unused or self._blame_ops()
-                or self.wanted_quorum):
+                or self.wanted_quorum or membership):
             return
         await self.start_term()
         seq = self.tree.seq + 1
@@ -265,8 +353,8 @@ class Volume:
             self.dirty.pop(node.ino, None)
         slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
         write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
-        ops = (self._quorum_ops() + self._blame_ops() + [{"op": "free", "ino": n.ino} for n in freed]
-               + write_ops + ops)
+        ops = (membership + self._quorum_ops() + self._blame_ops()
+               + [{"op": "free", "ino": n.ino} for n in freed] + write_ops + ops)
         await self._write_record(seq, ops, slots, inos, freed)
 
     async def start_term(self) -> None:
@@ -407,7 +495,7 @@ class Volume:
         self.term_started = True
         self.quorum = self.tree.quorum
         if self.wanted_quorum == self.quorum:
-            self.wanted_quorum = None
+            self.wanted_quorum, self.quorum_lowered = None, False
 
     def _blame_ops(self) -> list[dict]:
         """Blame every share no online replica holds (faulted, stale, or missing: it gets
@@ -897,11 +985,11 @@ class Volume:
 
     async def status(self) -> dict:
         free = {r: space[1] for r, space in (await self.replica_set.probe()).items()}
-        healthy = all(r.state == ONLINE for r in self.replicas)
+        healthy = all(r.state == ONLINE for r in self.replicas) and not self.offlined
         state = ("SUSPENDED" if self.suspended else "WAITING" if self.waiting
                  else "ONLINE" if healthy else "DEGRADED")
         return {"volume": self.volume_id.hex(), "state": state,
-                "reason": self.suspended or self.waiting,
+                "reason": self.suspended or self.waiting or self.offline_risk(),
                 "k": self.k, "n": self.n, "quorum": self.quorum, "record": self.tree.seq,
                 "written_ms": self.tree.time_ms, "committed": self.committed,
                 "term": statechoice.term_number(self.term or self.tree.term),

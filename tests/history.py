@@ -573,7 +573,7 @@ class History:
             self.refused(str(exc), True, provable)
             return
         try:
-            scrub.replacement_index(volume, str(self.paths[index]))  # two gone: refused
+            volume.share_of(str(self.paths[index]))  # two gone: refused
             shutil.rmtree(self.away.pop(index))
             self.paths[index].mkdir()
             self.holder[index] = False

@@ -1,4 +1,4 @@
-"""Command line: `lnmirror init|key|status|restore|scrub|replace` and `mount_lnmirror`.
+"""Command line: `lnmirror init|key|status|restore|scrub|replace|offline` and `mount_lnmirror`.
 
 Only arguments, key files, daemonizing and logging live here, one module per command
 (`common` holds what they share).  Every failure an operator can cause ends in one line on
@@ -13,6 +13,7 @@ from . import mount
 from .common import CliError, Parser, add_replica_args, apply_config, run, setup_logging
 from .init import DEFAULT_BLOCK_SIZE, cmd_init
 from .key import cmd_key
+from .offline import cmd_offline
 from .restore import cmd_restore
 from .scrub import cmd_replace, cmd_scrub
 from .status import cmd_status
@@ -111,6 +112,15 @@ def lnmirror_parser() -> argparse.ArgumentParser:
     replace.add_argument("new", help="the empty directory that takes its place")
     replace.add_argument("--json", action="store_true", help="print the report as JSON")
     replace.set_defaults(func=cmd_replace)
+
+    offline = _subcommand(sub, "offline", "keep running without a replica that is gone for good "
+                          "(until lnmirror replace brings in a new one)",
+                          "0 taken offline and logged, 1 taken offline but not logged yet (the "
+                          "write quorum is still lost), 2 refused or bad input")
+    offline.add_argument("--mountpoint", help="the live mount to take it offline in")
+    add_replica_args(offline)
+    offline.add_argument("old", help="the replica directory that is gone (it need not exist)")
+    offline.set_defaults(func=cmd_offline)
     return p
 
 

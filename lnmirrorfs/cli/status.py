@@ -137,7 +137,7 @@ def _locked_replica(replicas: list[str], timeout: float) -> str | None:
     return result[0]
 
 
-_STATES = ("ONLINE", "STALE", "FAULTED", "MISSING")
+_STATES = ("ONLINE", "STALE", "FAULTED", "MISSING", "OFFLINE")
 
 
 def _label(value: str) -> str:
