@@ -104,7 +104,7 @@ def test_vanished_replica_faults_then_is_caught_up_at_the_next_mount(make_vol, t
 
 def test_lost_quorum_gives_eio_and_mount_survives(make_vol, tmp_path, mounts_to_undo):
     v = make_vol(n=2, k=1)  # W = 2: both replicas must answer
-    m = v.mount()
+    m = v.mount("--suspend-timeout", "1")
     (m.path / "kept").write_text("acknowledged")
     os.rename(v.replicas[1], v.replicas[1].with_name("away"))
     with pytest.raises(OSError) as exc:

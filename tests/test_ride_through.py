@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -38,47 +37,12 @@ def all_online(m) -> bool:
     return s["state"] == "ONLINE" and all(r["state"] == "ONLINE" for r in s["replicas"])
 
 
-class CommitLoop:
-    """lightningd's pace: a SQLite commit (rollback journal, synchronous=FULL) every 50 ms,
-    in a thread; records every error and the last acknowledged commit."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.acked = 0
-        self.errors: list[str] = []
-        self.slowest = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        db = workload.open_db(self.directory)
-        self.first = db.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0]
-        try:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    workload.commit_once(db, self.first + self.acked + 1)
-                except Exception as exc:  # noqa: BLE001 - any error is what the test looks for
-                    self.errors.append(repr(exc))
-                    return
-                self.slowest = max(self.slowest, time.monotonic() - started)
-                self.acked += 1
-                time.sleep(0.05)
-        finally:
-            db.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-
 def test_sqlite_rides_through_a_replica_vanishing_five_times(make_vol, tmp_path):
     """n=2, default W=2: B's directory vanishes for 3 s, 5 times; the workload sees slow
     commits, never an error; B is caught up each time and the volume ends ONLINE."""
     v = make_vol(n=2, k=1)
     m = v.mount("--deadline", str(DEADLINE))
-    loop = CommitLoop(str(m.path))
+    loop = workload.CommitLoop(str(m.path))
     gone = tmp_path / "b-away"
     try:
         for _ in range(5):
@@ -198,7 +162,7 @@ def test_offline_a_replica_gone_for_good_then_replace_it(make_vol, tmp_path):
     m = v.mount("--deadline", str(DEADLINE))
     workload.run(str(m.path), 5)
     os.rename(v.replicas[1], tmp_path / "b-dead")
-    loop = CommitLoop(str(m.path))
+    loop = workload.CommitLoop(str(m.path))
     try:
         wait_for(lambda: status(m)["state"] == "WAITING", 10, "a commit waits for B")
         acked = loop.acked

@@ -131,7 +131,7 @@ def test_write_quorum_is_stored_and_blame_honoured(make_vol, tmp_path):
 def test_rolled_back_record_never_comes_back(make_vol, tmp_path, k):
     v = make_vol(n=3, k=k)
     a, b, c = v.replicas
-    m = v.mount()
+    m = v.mount("--suspend-timeout", "1")
     write_synced(m.path / "f", b"1111")
     os.rename(b, tmp_path / "b-away")
     os.rename(c, tmp_path / "c-away")

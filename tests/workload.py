@@ -15,6 +15,7 @@ import os
 import socket
 import sqlite3
 import sys
+import threading
 import time
 
 DB_NAME = "lightningd.sqlite3"
@@ -161,6 +162,41 @@ def run(directory: str, commits: int, journal_mode: str = "delete", start: int |
         rpc.close()
         db.close()
     return number
+
+
+class CommitLoop:
+    """lightningd's pace: a SQLite commit (rollback journal, synchronous=FULL) every 50 ms,
+    in a thread; records every error and the last acknowledged commit."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.acked = 0
+        self.errors: list[str] = []
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db = open_db(self.directory)
+        self.first = db.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0]
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    commit_once(db, self.first + self.acked + 1)
+                except Exception as exc:  # noqa: BLE001 - any error is what the test looks for
+                    self.errors.append(repr(exc))
+                    return
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                self.acked += 1
+                time.sleep(0.05)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
 
 
 def main() -> int:
