@@ -81,11 +81,12 @@ class Stats:
     acked: int = 0
     failed: int = 0
     kills: int = 0
+    resumed: int = 0   # records left pending by a failed change, completed while mounted
     faults: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Stats) -> None:
         for name in ("histories", "steps", "opens", "refused", "unproven", "acked", "failed",
-                     "kills"):
+                     "kills", "resumed"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for key, value in other.faults.items():
             self.faults[key] = self.faults.get(key, 0) + value
@@ -188,8 +189,10 @@ class History:
             self.maybe_power_cut()
         elif r < 0.85:
             self.close_volume(clean=True)
-        else:
+        elif r < 0.93:
             self.vanish_or_return()
+        else:
+            self.bring_back()
 
     # ---- opening ----
 
@@ -352,6 +355,33 @@ class History:
         if any(fates.values()) and self.rng.random() < 0.5:
             self.close_volume(clean=False)   # killed right after the acknowledgement
             self.maybe_power_cut()
+
+    def bring_back(self) -> None:
+        """The daemon's loop while mounted: faulted replicas that answer again are caught
+        up and rejoin, and a record left pending past the suspend timeout completes.  What
+        a failed change left in memory (its buffered data stays, as a page cache's would)
+        is then committed by a sync, and from there the mount's view is acknowledged."""
+        volume = self.volume
+        pending = volume.pending
+        self.note("bring back" + (" (pending)" if pending else ""))
+        trio.run(volume.bring_back)
+        self.settle()
+        if volume.pending is not None:
+            return
+        if pending is not None:
+            self.stats.resumed += 1
+        memory = trio.run(self.read_all)
+        try:
+            trio.run(volume.sync)
+        except OSError:
+            self.states.add(freeze(memory, volume.commit_quorum()))
+            self.close_volume(clean=False)
+            return
+        self.settle()
+        self.files, self.w = memory, volume.tree.quorum
+        self.w_unconfirmed = None
+        self.states = {freeze(memory, self.w)}
+        self.holders_from(volume)
 
     def new_quorum(self) -> int:
         """The first change of an open also logs the W it was asked for."""

@@ -31,7 +31,8 @@ def _run(count: int, steps: int) -> None:
         stats = run_histories(range(first, first + count), Path(root), steps)
     print(f"{stats.histories} histories, {stats.steps} steps, {stats.opens} opens "
           f"({stats.refused} refused, {stats.unproven} unproven), {stats.acked} acknowledged "
-          f"and {stats.failed} failed changes, {stats.kills} kills, faults {stats.faults}, "
+          f"and {stats.failed} failed changes, {stats.kills} kills, {stats.resumed} resumed, "
+          f"faults {stats.faults}, "
           f"in {time.monotonic() - started:.0f}s")
     assert stats.acked > count  # the histories did something
 
