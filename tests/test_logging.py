@@ -102,7 +102,8 @@ def test_without_syslog_logs_to_default_file(make_vol, daemonized, monkeypatch, 
     lnmirror("status", str(d.path), check=False)  # reports the change (also every 5 s)
     wait_for(lambda: "FAULTED" in log_file.read_text(), what="fault line")
     os.rename(gone, v.replicas[2])
-    assert lnmirror("scrub", str(d.path), check=False).returncode == 1
+    # 1 if the scrub healed it, 0 if the daemon had caught it up on its own already
+    assert lnmirror("scrub", str(d.path), check=False).returncode in (0, 1)
     wait_for(lambda: "healed" in log_file.read_text(), what="heal line")
     d.unmount()
     text = log_file.read_text()
@@ -113,7 +114,7 @@ def test_without_syslog_logs_to_default_file(make_vol, daemonized, monkeypatch, 
     assert sum(f"unmounted {d.path} cleanly" in line for line in lines) == 1, text
 
     # Quorum loss (W=2 of 3, two replicas gone) is logged too.
-    assert d.mount().returncode == 0
+    assert d.mount("-o", "suspend_timeout=1").returncode == 0
     d.pid = daemon_pid(log_file.read_text().split(f"unmounted {d.path} cleanly")[-1], d.path)
     for r in v.replicas[1:]:
         os.rename(r, r.with_name(r.name + ".away"))
