@@ -21,6 +21,9 @@ from .volume import Volume
 log = logging.getLogger("lnmirrorfs.daemon")
 WRITEBACK_SECONDS = 5.0
 RECONNECT_SECONDS = 2.0
+# A live scrub holds the volume lock for this many blocks at a time (128 KiB at 4 KiB):
+# lightningd's commit waits for one such chunk at most (see benchmarks/scrub_impact.py).
+LIVE_CHUNK_BLOCKS = 32
 
 
 async def _writeback(volume: Volume) -> None:
@@ -75,8 +78,8 @@ def _control_handler(volume: Volume) -> control.Handler:
                 return {"error": f"rate must be a positive number of MB/s, not {rate!r}"}
             async with heal_lock:
                 try:
-                    return (await scrub.scrub(volume, bool(dry_run), rate,
-                                              _heal_progress(volume))).as_dict()
+                    return (await scrub.scrub(volume, bool(dry_run), rate, _heal_progress(volume),
+                                              LIVE_CHUNK_BLOCKS)).as_dict()
                 finally:
                     volume.heal_progress = None
         if command == "replace":
@@ -86,7 +89,8 @@ def _control_handler(volume: Volume) -> control.Handler:
             async with heal_lock:
                 scrub.attach_replacement(volume, old, new)
                 try:
-                    return (await scrub.scrub(volume, progress=_heal_progress(volume))).as_dict()
+                    return (await scrub.scrub(volume, progress=_heal_progress(volume),
+                                              chunk=LIVE_CHUNK_BLOCKS)).as_dict()
                 finally:
                     volume.heal_progress = None
         if command == "offline":

@@ -277,12 +277,11 @@ class Replica:
                 os.close(fd)
             return
         # A close on a hung filesystem (a FUSE or NFS mount that stopped answering) blocks
-        # in its flush.  Each descriptor is closed in a thread of its own: it leaves the
-        # descriptor table at once, so the process can still exit (the flush waits are
-        # killable while the request is not taken), and nothing here waits for them.
+        # in its flush.  Each descriptor is closed in a thread of its own, left behind:
+        # the unmount finishes its work for the other replicas; the process itself ends
+        # once that filesystem answers (or its connection is aborted).
         for fd in fds:
             threading.Thread(target=_close_quietly, args=(fd,), daemon=True).start()
-        time.sleep(0.1)  # let each thread take its descriptor out of the table
 
     def mark(self, state: str, reason: str) -> None:
         if self.state == ONLINE or state == MISSING:

@@ -48,7 +48,9 @@ def _scrub_targets(volume: Volume) -> list[Replica]:
 
 
 async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = None,
-                progress: Progress | None = None) -> Report:
+                progress: Progress | None = None, chunk: int = CHUNK_BLOCKS) -> Report:
+    """`chunk`: blocks checked per hold of the volume lock; a live mount uses fewer, so a
+    commit waits for one small chunk at most."""
     report = Report(dry_run=dry_run)
     started = time.monotonic()
     start_seq = volume.tree.seq
@@ -65,10 +67,10 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
                 node = volume.tree.inodes.get(ino)
                 if node is None or first >= len(node.blocks):
                     break
-                wanted = [(b, node.blocks[b]) for b in range(first, min(first + CHUNK_BLOCKS,
-                                                                        len(node.blocks)))]
+                wanted = [(b, node.blocks[b])
+                          for b in range(first, min(first + chunk, len(node.blocks)))]
                 await check_blocks(volume, ino, wanted, targets, report, dry_run)
-            first += CHUNK_BLOCKS
+            first += chunk
             done += len(wanted)
             if progress:
                 progress(done, total)
