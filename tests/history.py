@@ -378,8 +378,10 @@ class History:
             self.close_volume(clean=False)
             return
         self.settle()
-        self.files, self.w = memory, volume.tree.quorum
-        self.w_unconfirmed = None
+        old_w, self.w = self.w, volume.tree.quorum
+        self.files = memory
+        if old_w != self.w:  # the sync logged a W asked for at open: trusted after a later record
+            self.w_unconfirmed = min(old_w, self.w)
         self.states = {freeze(memory, self.w)}
         self.holders_from(volume)
 
