@@ -96,7 +96,7 @@ def main() -> int:
         scrub_seconds = time.monotonic() - started
         with_scrub = summary(during)
         print(f"machine: {os.cpu_count()} cores; volume n=2 k=1 on {args.root}; "
-              f"{args.data_mib} MiB of data; scrub {' '.join(scrub_cmd[1:2] + scrub_cmd[3:])}")
+              f"{args.data_mib} MiB of data; lnmirror {' '.join(scrub_cmd[1:])}")
         print(f"scrub took {scrub_seconds:.1f}s ({args.data_mib * 2**20 / 1e6 / scrub_seconds:.0f} "
               f"MB/s of data), exit {scrub.returncode}")
         for name, s in (("alone", alone), ("during scrub", with_scrub)):
