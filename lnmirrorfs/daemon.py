@@ -15,7 +15,6 @@ import trio
 
 from . import control, logsetup, scrub
 from .fuse_ops import Operations, mount_options
-from .replica import ONLINE
 from .volume import Volume
 
 log = logging.getLogger("lnmirrorfs.daemon")
@@ -43,8 +42,7 @@ async def _bring_back(volume: Volume) -> None:
     past its timeout resumes once W replicas hold the pending record: never a remount."""
     while True:
         await trio.sleep(RECONNECT_SECONDS)
-        if any(r.state != ONLINE and not r.offline for r in volume.replicas) or volume.pending:
-            await volume.bring_back()
+        await volume.bring_back()  # cheap when nothing is faulted or pending
 
 
 async def _on_signals() -> None:

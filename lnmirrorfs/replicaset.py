@@ -42,6 +42,7 @@ class ReplicaSet:
         answered, or the deadline passed (then the silent ones are marked FAULTED)."""
         self.check_deadlines()
         if not calls:
+            self.report_changes()  # check_deadlines may just have faulted one
             return {}
         token = trio.lowlevel.current_trio_token()
         answers: list[tuple[Replica, object, BaseException | None]] = []

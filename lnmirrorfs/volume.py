@@ -264,12 +264,18 @@ class Volume:
                               f"{missing}); give every other replica with --replica")
         return missing[0]
 
-    def take_offline(self, path: str) -> str:
+    def _named(self, path: str) -> tuple[int, list[Replica]]:
+        """The share `path` holds and the replicas opened at that path.  Resolving paths
+        touches the replica's filesystem: run it in a thread (a NAS may hang)."""
+        wanted = os.path.realpath(path)
+        return self.share_of(path), [r for r in self.replicas if os.path.realpath(r.path) == wanted]
+
+    def take_offline(self, path: str, index: int, named: list[Replica]) -> str:
         """Run without a replica that is gone for good until `lnmirror replace` brings a new
         one in (as `zpool offline` does): it is never written or probed again, and W drops
         to what the others can reach.  The next record logs both (the state choice then
-        blames it and proves with the lower W).  Returns the risk, in one line."""
-        index = self.share_of(path)
+        blames it and proves with the lower W).  `index` and `named` come from _named.
+        Returns the risk, in one line."""
         if index in self.offlined:
             raise VolumeError(f"{path} (share {index}) is offline already")
         left = self.n - len(self.offlined) - 1
@@ -278,7 +284,7 @@ class Volume:
                               f"than the k={self.k} that hold a block")
         self.offlined.add(index)
         for r in self.replicas:
-            if (r.header and r.index == index) or os.path.realpath(r.path) == os.path.realpath(path):
+            if (r.header and r.index == index) or r in named:
                 r.state, r.reason, r.offline = OFFLINE, OFFLINE_REASON, True
         if left < self.commit_quorum():
             self.wanted_quorum, self.quorum_lowered = left, True
@@ -288,8 +294,13 @@ class Volume:
     async def offline(self, path: str) -> dict:
         """take_offline, then log it: a change waiting for that replica completes with the
         lower W within a second, then a record of its own logs the offline op."""
+        named = None
         try:
-            risk = self.take_offline(path)
+            with trio.move_on_after(self.options.deadline):
+                named = await trio.to_thread.run_sync(self._named, path, abandon_on_cancel=True)
+            if named is None:
+                return {"error": f"{path}: no answer within {self.options.deadline:g}s"}
+            risk = self.take_offline(path, *named)
         except VolumeError as exc:
             return {"error": str(exc)}
         async with self.lock:
