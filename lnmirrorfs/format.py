@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from . import codec
 
 MAGIC = b"LNMIRROR"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER_NAME = "lnmirror.hdr"
 LOG_NAME = "log"
+SPARE_LOG_NAME = "log.new"
 SNAPSHOT_NAME = "snapshot"
 META_DIR = "meta"
 DATA_DIR = "data"

@@ -7,7 +7,9 @@ Layout of a replica directory:
     lnmirror.hdr        header (format.Header)
     lock                flock()ed by whoever writes the replica set
     meta/snapshot       the whole tree at some sequence number, sealed
-    meta/log            sealed records after the snapshot, appended
+    meta/log            sealed records after the snapshot, appended (it may still begin
+                        with records the snapshot holds: a crash before the log was cut)
+    meta/log.new        a zero-filled spare that becomes the log when a snapshot cuts it
     data/<file id>      two slots per block, each holding one share
 """
 
@@ -140,6 +142,30 @@ class Loaded:
     touched: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
 
 
+@dataclass
+class SnapshotCut:
+    """Where a background snapshot cuts a replica's log: right after record `seq`, which
+    ended at `log_end` of the log file the replica had in `log_epoch`."""
+    seq: int
+    log_end: int
+    log_epoch: int
+
+
+class SealOnce:
+    """A snapshot's sealed bytes, made by whichever replica's thread asks first."""
+
+    def __init__(self, seal: Callable[[], bytes]) -> None:
+        self._seal: Callable[[], bytes] | None = seal
+        self._sealed = b""
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bytes:
+        with self._lock:
+            if self._seal is not None:
+                self._sealed, self._seal = self._seal(), None
+            return self._sealed
+
+
 @dataclass(eq=False)  # identity semantics: replicas are dict keys
 class Replica:
     path: str
@@ -155,6 +181,10 @@ class Replica:
     _log_end: int = 0
     _log_allocated: int = 0
     _unsynced_files: set[int] = field(default_factory=set)
+    _cut_files: set[int] = field(default_factory=set)  # unsynced, for a background snapshot
+    _log_epoch: int = 0       # bumped whenever the log file is reset or replaced
+    _snapshot_lock: threading.Lock = field(default_factory=threading.Lock)
+    snapshot_seq: int = 0     # the record of the snapshot on disk, once loaded or written
     _lock_fd: int | None = None
     header_damage: str = ""   # why the header was refused: scrub rewrites it
     last_seq: int | None = None  # the last record durably on this replica, when known
@@ -247,6 +277,7 @@ class Replica:
         fds = list(self._data_fds.values()) + [self._log_fd, self._lock_fd]
         self._data_fds.clear()
         self._log_fd = self._lock_fd = None
+        self._log_epoch += 1
         for fd in fds:
             if fd is not None:
                 try:
@@ -305,6 +336,7 @@ class Replica:
                 raw = f.read()
         except (OSError, format.FormatError, codec.CodecError, TreeError) as exc:
             raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
+        self.snapshot_seq = tree.seq
         loaded = Loaded(tree, 0, 0, {}, snapshot_seq=tree.seq, commit=tree.commit,
                         max_term=tree.term)
         pos = 0
@@ -405,15 +437,13 @@ class Replica:
             os.fsync(fd)
         self._log_fd = fd
         self._log_end = self._log_allocated = valid_end
+        self._log_epoch += 1
 
     def _append(self, record: bytes) -> None:
         end = self._log_end + len(record)
         if end > self._log_allocated:
-            target = end + LOG_CHUNK
-            zeros = bytes(1 << 20)
-            for offset in range(self._log_allocated, target, len(zeros)):
-                os.pwrite(self._log_fd, zeros[:target - offset], offset)
-            self._log_allocated = target
+            _write_zeros(self._log_fd, self._log_allocated, end + LOG_CHUNK)
+            self._log_allocated = end + LOG_CHUNK
         os.pwrite(self._log_fd, record, self._log_end)
         os.fdatasync(self._log_fd)
         self._log_end = end
@@ -425,18 +455,23 @@ class Replica:
         the log is gone, the data files must hold everything on their own."""
         if sealed is None:
             sealed = seal_snapshot(keys, self.header.volume_id, tree)
-        self._sync_data_files()
-        write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
-                           format.pack_snapshot(tree.seq, tree.term, sealed))
-        if self._log_fd is not None:
-            os.ftruncate(self._log_fd, 0)
-            os.fsync(self._log_fd)
-            self._log_end = self._log_allocated = 0
-        else:
-            fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fsync(fd)
-            os.close(fd)
-            fsync_dir(self.meta_path)
+        with self._snapshot_lock:  # after a background snapshot's part, never between
+            self._unsynced_files |= self._cut_files
+            self._cut_files = set()
+            self._sync_data_files()
+            write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
+                               format.pack_snapshot(tree.seq, tree.term, sealed))
+            self.snapshot_seq = tree.seq
+            self._log_epoch += 1
+            if self._log_fd is not None:
+                os.ftruncate(self._log_fd, 0)
+                os.fsync(self._log_fd)
+                self._log_end = self._log_allocated = 0
+            else:
+                fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.fsync(fd)
+                os.close(fd)
+                fsync_dir(self.meta_path)
 
     def _sync_data_files(self) -> None:
         for file_id in sorted(self._unsynced_files):
@@ -446,6 +481,96 @@ class Replica:
         if self._unsynced_files:
             fsync_dir(self.data_path)
         self._unsynced_files.clear()
+
+    # ---- snapshots in the background ----
+
+    def snapshot_in_background(self, seq: int, term: int, sealed: SealOnce,
+                               done: Callable[[BaseException | None], None]) -> None:
+        """Snapshot at record `seq` without holding up the records after it.
+
+        The worker marks where the log is cut (in order with the records: right after
+        `seq`); the housekeeping thread syncs the data files written up to there and
+        writes the snapshot; then the worker replaces the log by the records after the cut
+        (read back from it) in the zero-filled spare, renamed over it.  A crash at any
+        point leaves a snapshot and a log that hold every record: the load skips those
+        the snapshot already has.  `done` gets the first error, or None, in a thread."""
+        def marked(cut: SnapshotCut | None, error: BaseException | None) -> None:
+            if error is not None or cut is None:
+                return done(error)
+            self.housekeeper.submit(partial(self._write_cut_snapshot, cut, term, sealed),
+                                    partial(written, cut))
+
+        def written(cut: SnapshotCut, wrote: bool, error: BaseException | None) -> None:
+            if error is not None or not wrote:
+                return done(error)
+            self.worker.submit(partial(self._cut_log, cut), lambda result, error: done(error))
+
+        self.worker.submit(partial(self._mark_cut, seq), marked)
+
+    def _mark_cut(self, seq: int) -> SnapshotCut | None:
+        """Worker: the data files written so far go to the snapshot's sync; later writes
+        are tracked afresh (their records stay in the log)."""
+        if self.state != ONLINE or self.last_seq != seq or self._log_fd is None:
+            return None  # it missed the record or faulted: a catch-up snapshots it instead
+        with self._snapshot_lock:
+            self._cut_files |= self._unsynced_files
+            self._unsynced_files = set()
+            return SnapshotCut(seq, self._log_end, self._log_epoch)
+
+    def _write_cut_snapshot(self, cut: SnapshotCut, term: int, sealed: SealOnce) -> bool:
+        """Housekeeper: sync the data up to the cut, write the snapshot, make the spare log."""
+        with self._snapshot_lock:
+            if self.snapshot_seq >= cut.seq or self.state != ONLINE:
+                return False  # a newer snapshot was written meanwhile, or it faulted
+            for file_id in sorted(self._cut_files):
+                try:
+                    fd = os.open(os.path.join(self.data_path, format.data_name(file_id)), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # freed since: no record the snapshot keeps points into it
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            if self._cut_files:
+                fsync_dir(self.data_path)
+            self._cut_files = set()
+            write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
+                               format.pack_snapshot(cut.seq, term, sealed()))
+            self.snapshot_seq = cut.seq
+        fd = os.open(self._spare_log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_zeros(fd, 0, LOG_CHUNK)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _cut_log(self, cut: SnapshotCut) -> None:
+        """Worker: the records after the cut become the whole log."""
+        if cut.log_epoch != self._log_epoch or self.snapshot_seq != cut.seq:
+            return  # the log was reset or replaced meanwhile: nothing to cut
+        tail = os.pread(self._log_fd, self._log_end - cut.log_end, cut.log_end)
+        fd = os.open(self._spare_log_path, os.O_RDWR)
+        try:
+            allocated = os.fstat(fd).st_size
+            if len(tail) >= allocated:
+                allocated = len(tail) + LOG_CHUNK
+                _write_zeros(fd, len(tail), allocated)
+            os.pwrite(fd, tail, 0)
+            os.fdatasync(fd)
+            os.rename(self._spare_log_path, self.log_path)
+            fsync_dir(self.meta_path)  # before any later record is appended to it
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self._log_fd = self._log_fd, fd
+        os.close(old)
+        self._log_end, self._log_allocated = len(tail), allocated
+        self._log_epoch += 1
+
+    @property
+    def _spare_log_path(self) -> str:
+        return os.path.join(self.meta_path, format.SPARE_LOG_NAME)
 
     # ---- data ----
 
@@ -588,6 +713,12 @@ class Replica:
                 "header_damage": self.header_damage,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
+
+
+def _write_zeros(fd: int, start: int, end: int) -> None:
+    zeros = bytes(1 << 20)
+    for offset in range(start, end, len(zeros)):
+        os.pwrite(fd, zeros[:end - offset], offset)
 
 
 def _close_quietly(fd: int) -> None:

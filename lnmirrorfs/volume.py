@@ -40,6 +40,7 @@ from .replica import (
     STALE,
     Counters,
     Replica,
+    SealOnce,
     seal_snapshot,
 )
 from .replicaset import ReplicaSet
@@ -130,6 +131,7 @@ class Volume:
         self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self.bad_shares: set[tuple[int, int, int]] = set()  # (replica index, ino, block)
         self.log_bytes = 0
+        self.snapshotting: set[Replica] = set()  # replicas writing a background snapshot
         # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
         self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
         self._zero = bytes(self.block_size)
@@ -404,8 +406,7 @@ class Volume:
             self.stats["commits"] += 1
         if len(self._holders(record)) < need:
             await self._ride_through(record)
-        with trio.CancelScope(shield=True):
-            await self._apply(record)
+        self._apply(record)
 
     def _holders(self, record: PendingRecord) -> list[Replica]:
         """Online replicas that wrote this record (one healed meanwhile got a snapshot of
@@ -479,14 +480,13 @@ class Volume:
         record = self.pending
         if record is None or not await self._try_pending():
             return
-        with trio.CancelScope(shield=True):
-            await self._apply(record)
+        self._apply(record)
         log.warning("resumed: record %d reached the write quorum; writes accepted again",
                     record.head.seq)
         self.replica_set.on_event("resumed", "", self.suspended)
         self.suspended = ""
 
-    async def _apply(self, record: PendingRecord) -> None:
+    def _apply(self, record: PendingRecord) -> None:
         head = record.head
         self.tree.apply(head.seq, head.term, head.time_ms, record.ops, head.commit)
         self._acknowledged(head.seq)
@@ -495,7 +495,7 @@ class Volume:
             self._forget(node)
         self.log_bytes += len(record.records[0])
         if self.log_bytes > self.options.snapshot_log_bytes:
-            await self.snapshot()
+            self._snapshot_in_background()
 
     def _quorum_ops(self) -> list[dict]:
         """A W asked for at mount is logged by the open's first record after its term."""
@@ -571,8 +571,32 @@ class Volume:
         self.tree.commit = max(self.tree.commit, self.committed)
         return seal_snapshot(self.keys, self.volume_id, self.tree)
 
+    def _snapshot_in_background(self) -> None:
+        """Snapshot the current record without holding up the commits after it: only the
+        tree's copy is made here; the dump, the seal and the writes run in the replicas'
+        threads (Replica.snapshot_in_background), and the log keeps growing meanwhile."""
+        if self.snapshotting & set(self.online):
+            return  # the last one is still being written: try again after the next record
+        self.log_bytes = 0
+        self.tree.commit = max(self.tree.commit, self.committed)
+        frozen = self.tree.copy()
+        sealed = SealOnce(partial(seal_snapshot, self.keys, self.volume_id, frozen))
+        for r in self.online:
+            self.snapshotting.add(r)
+            r.snapshot_in_background(frozen.seq, frozen.term, sealed,
+                                     partial(self._snapshot_written, r))
+
+    def _snapshot_written(self, r: Replica, error: BaseException | None) -> None:
+        """In the replica's thread: its part is done.  A failure faults it (the next
+        run_jobs reports it; bring_back catches it up from what its disk holds)."""
+        self.snapshotting.discard(r)
+        if error is not None and r.state == ONLINE:
+            log.warning("replica %s faulted: snapshot failed: %s", r.path, error)
+            r.mark(FAULTED, f"snapshot failed: {error}")
+
     async def snapshot(self) -> None:
-        """Write the whole tree to every online replica and empty their logs."""
+        """Write the whole tree to every online replica and empty their logs (unmount,
+        heal): the caller waits for it."""
         sealed = self.seal_snapshot()
         targets = self.online
         await self.replica_set.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))

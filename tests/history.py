@@ -40,9 +40,11 @@ from lnmirrorfs.tree import Tree
 from lnmirrorfs.volume import Options, Volume, VolumeError, default_quorum
 
 # A change that misses W fails at once (the mount's ride-through is tested on real mounts).
-OPTIONS = {"deadline": 5.0, "suspend_timeout": 0.0}
+# Snapshots are taken in the background every few records (the mount: every 16 MiB of log).
+OPTIONS = {"deadline": 5.0, "suspend_timeout": 0.0, "snapshot_log_bytes": 3000}
 
 NAMES = [b"f0", b"f1", b"f2", b"f3"]
+COMMIT_FATES = ("none", "torn", "slots", "synced")  # the fates that cut the commit itself
 BLOCK = 512
 
 
@@ -113,7 +115,9 @@ class History:
         self.started = False                        # this open acknowledged a change
         self.files: dict[bytes, bytes] = {}         # what the open volume holds
         self.open_seq = 0                           # last record before this open
-        self.new_files: dict[int, set[str]] = {}    # data files created during this open
+        # Per replica, its last sync point in this open (the open, or a snapshot it wrote
+        # since, which synced its data files first): (record, the data files then).
+        self.synced: dict[int, tuple[int, set[str]]] = {}
         self.trace: list[str] = []
         self.stats = Stats(histories=1)
         self._create()
@@ -147,6 +151,7 @@ class History:
         try:
             for _ in range(steps):
                 self.step()
+                self.note_syncs()
             self.close_volume(clean=self.rng.random() < 0.5)
             self.return_all()
             self.final_check()
@@ -219,7 +224,7 @@ class History:
         self.volume, self.writable, self.started = volume, writable, False
         self.wanted_quorum = quorum
         self.open_seq = volume.tree.seq
-        self.new_files = {i: self._data_files(i) for i in range(self.n)}
+        self.synced = {i: (self.open_seq, self._data_files(i)) for i in range(self.n)}
         try:
             served = freeze(trio.run(self.read_all), volume.tree.quorum)
         except OSError as exc:
@@ -406,14 +411,16 @@ class History:
         """Per replica, what a crash inside this commit leaves (most commits: nothing)."""
         if self.rng.random() > 0.25:
             return {}
-        return {i: self.rng.choice(["none", "torn", "slots", "synced"]) for i in range(self.n)
-                if self.rng.random() < 0.5}
+        return {i: self.rng.choice([*COMMIT_FATES, "snapshot", "cut"])
+                for i in range(self.n) if self.rng.random() < 0.5}
 
     def inject(self, fates: dict[int, str]) -> None:
         """Cut the replica's part of the commit where its fate says, as a crash would:
         nothing written, the data slots but not the record, a torn record, or the whole
         record with the sync reporting an error.  The cut is
-        made inside the real Replica.commit, which faults its replica as on any error."""
+        made inside the real Replica.commit, which faults its replica as on any error.
+        The last two let the commit through and cut a background snapshot it starts:
+        before its snapshot is written, or before the log is cut after it."""
         for r in self.volume.replicas:
             fate = fates.get(r.index) if r.header else None
             if fate == "none":
@@ -424,6 +431,10 @@ class History:
                 r._append = _torn_append(r, self.rng.random())
             elif fate == "synced":  # the whole record reached the disk, the sync said EIO
                 r._append = _torn_append(r, 1.0)
+            elif fate == "snapshot":
+                r._write_cut_snapshot = _crash
+            elif fate == "cut":
+                r._cut_log = _crash
 
     def uninject(self) -> None:
         if self.volume is None:
@@ -432,18 +443,22 @@ class History:
         for r in self.volume.replicas:
             r.__dict__.pop("write_slots", None)
             r.__dict__.pop("_append", None)
+            r.__dict__.pop("_write_cut_snapshot", None)
+            r.__dict__.pop("_cut_log", None)
 
     def settle(self) -> None:
         """Wait until every replica worker finished what it was given (the commit returned
         at W answers; the others' outcome must be known before the next step)."""
-        while any(r.worker and r.worker.pending for r in self.volume.replicas):
+        while self.volume.snapshotting or any(r.worker and r.worker.pending
+                                              for r in self.volume.replicas):
             time.sleep(0.0005)
         self.volume.replica_set.report_changes()
 
     def holders_from(self, volume: Volume, fates: dict[int, str] | None = None) -> None:
         """After an acknowledged record: the replicas that got it hold everything."""
         online = {r.index for r in volume.replicas if r.header is not None and r.state == ONLINE}
-        self.holder = [i in online and not (fates or {}).get(i) for i in range(self.n)]
+        missed = {i for i, fate in (fates or {}).items() if fate in COMMIT_FATES}
+        self.holder = [i in online and i not in missed for i in range(self.n)]
 
     # ---- faults between opens ----
 
@@ -527,7 +542,7 @@ class History:
         data = path / "data"
         if not data.is_dir():
             return
-        created = self._data_files(index) - self.new_files.get(index, set())
+        created = self._data_files(index) - self.synced.get(index, (0, set()))[1]
         for name in sorted(created):
             if self.rng.random() < 0.5:
                 (data / name).unlink(missing_ok=True)
@@ -547,11 +562,30 @@ class History:
         self.fault("power cut")
 
     def _unsynced(self, index: int, name: str, slot: int) -> bool:
-        """Was this slot written by a record of the open just killed (inline, not synced)?"""
+        """Was this slot written by a record of the open just killed (inline, not synced)?
+        A snapshot the replica wrote since (a catch-up's, a scrub's) synced it first."""
         raw = (self.paths[index] / "data" / name).read_bytes()
         size = format.slot_size(BLOCK, self.k)
         gen = format.unpack_slot(raw[slot * size:(slot + 1) * size])[0]
-        return gen > self.open_seq
+        return gen > self.synced.get(index, (self.open_seq,))[0]
+
+    def note_syncs(self) -> None:
+        """A snapshot a replica wrote during the last step synced its data files and
+        directory: what it had then survives a power cut.  (Seen per step, so files
+        created later in the same step count as synced too: a little less harsh.)"""
+        if self.volume is None:
+            return
+        for index in range(self.n):
+            seq = self._snapshot_seq(index)
+            if index not in self.away and seq > self.synced.get(index, (0,))[0]:
+                self.synced[index] = (seq, self._data_files(index))
+
+    def _snapshot_seq(self, index: int) -> int:
+        try:
+            raw = (self.paths[index] / "meta" / "snapshot").read_bytes()
+            return format.unpack_snapshot(raw)[0]
+        except (OSError, format.FormatError):  # none yet, or flipped: assume nothing synced since open
+            return 0
 
     def _data_files(self, index: int) -> set[str]:
         data = self.paths[index] / "data"
