@@ -240,5 +240,5 @@ def test_older_format_is_refused_naming_both_versions(make_vol):
         header.write_bytes(bytes(raw))
     proc = v.status(*v.replica_args())
     assert proc.returncode == 2
-    assert "format version 1" in proc.stderr and "version 2" in proc.stderr
+    assert "format version 1" in proc.stderr and f"version {format.FORMAT_VERSION}" in proc.stderr
 
