@@ -196,7 +196,8 @@ def _verdict(v: View, choice: Choice, fork: int) -> Verdict:
     if v.loaded.damage:
         return Verdict(FAULTED, v.loaded.damage)
     tree, served = v.loaded.tree, choice.tree
-    blamed = served.blame.get(v.index) if v.index is not None else None
+    # A blame in a record past the one served (never acknowledged, dropped) does not count.
+    blamed = served.blame.get(v.index) if _blamed_by(served, v.index, choice.serve) else None
     if blamed is not None and v.index in tree.blame:
         blamed = None  # it holds the record that blamed it: a heal gave it the current state
     if fork >= choice.serve:

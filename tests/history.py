@@ -275,6 +275,7 @@ class History:
         volume = self.volume
         if volume is None:
             return
+        self.note_syncs()  # a power cut may follow within this step
         self.note("unmount" if clean and self.writable else "kill")
         if clean and self.writable and not volume.suspended:
             try:
