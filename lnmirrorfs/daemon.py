@@ -85,7 +85,14 @@ def _control_handler(volume: Volume) -> control.Handler:
             if not (isinstance(old, str) and isinstance(new, str)):
                 return {"error": "replace needs the old and new replica directories"}
             async with heal_lock:
-                scrub.attach_replacement(volume, old, new)
+                prepared = None
+                with trio.move_on_after(volume.options.deadline):
+                    prepared = await trio.to_thread.run_sync(
+                        scrub.prepare_replacement, volume, old, new, abandon_on_cancel=True)
+                if prepared is None:
+                    return {"error": f"{old} or {new}: no answer within "
+                                     f"{volume.options.deadline:g}s"}
+                scrub.attach_replacement(volume, *prepared)
                 try:
                     return (await scrub.scrub(volume, progress=_heal_progress(volume),
                                               chunk=LIVE_CHUNK_BLOCKS)).as_dict()

@@ -80,7 +80,7 @@ async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
             raw = reads[r][position] if r in reads else b""
             report.shares_checked += 1
             report.bytes_read += len(raw)
-            share = volume.share_ok(r, ino, block, gen, raw)
+            share = volume.reader.share_ok(r, ino, block, gen, raw)
             if share is None:
                 bad.append(r)
             else:
@@ -112,7 +112,7 @@ async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
                                      for r, slots in writes.items()], len(writes))
         for r in written:
             report.repaired_shares += len(writes[r])
-            volume.bad_shares.difference_update((r.index, ino, b) for b in healed_blocks[r])
+            volume.reader.bad_shares.difference_update((r.index, ino, b) for b in healed_blocks[r])
         unhealed.update(r for r in writes if r not in written)
     return unhealed
 

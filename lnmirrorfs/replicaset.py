@@ -14,7 +14,8 @@ from functools import partial
 import trio
 
 from . import codec
-from .replica import FAULTED, ONLINE, Loaded, Replica
+from .opening import open_returned
+from .replica import FAULTED, ONLINE, Loaded, Replica, ReplicaError
 
 log = logging.getLogger("lnmirrorfs.replicaset")
 Event = Callable[[str, str, str], None]
@@ -118,6 +119,7 @@ class ReplicaSet:
         its log holds.  Those that answer are returned, still FAULTED, for a catch-up.
         A replica an operator took offline, or one that needs a full heal, is left alone."""
         async with self._reconnecting:
+            await self._rediscover(keys)
             faulted = [r for r in self.replicas if r.state == FAULTED and r.header and r.worker
                        and not r.worker.pending and not r.offline and not r.heal_needed]
             if not faulted:
@@ -128,6 +130,28 @@ class ReplicaSet:
                 if r not in answers:
                     log.debug("replica %s still away: %s", r.path, r.reason)
             return answers
+
+    async def _rediscover(self, keys: codec.Keys) -> None:
+        """Replicas with no header since the open, because their directory was missing or
+        did not answer (a NAS down at mount): one that is back, ours, and the share no
+        other replica holds takes its place, FAULTED, for reconnect to catch it up."""
+        reference = next(r.header for r in self.replicas if r.header)
+        for r in [r for r in self.replicas if r.header is None and not r.header_damage
+                  and not r.offline]:
+            held = {other.index for other in self.replicas if other.header}
+            found = None
+            try:
+                with trio.move_on_after(self.deadline):
+                    found = await trio.to_thread.run_sync(
+                        open_returned, r.path, reference, keys, held, abandon_on_cancel=True)
+            except (ReplicaError, OSError) as exc:
+                log.debug("replica %s still away: %s", r.path, exc)
+            if found is None:
+                continue
+            found.start_worker()
+            found.mark(FAULTED, f"back after being away at mount ({r.reason}): catching up")
+            log.warning("replica %s is back (share %d); catching it up", r.path, found.index)
+            self.replicas[self.replicas.index(r)] = found
 
 
 def _reload(r: Replica, keys: codec.Keys) -> Loaded:

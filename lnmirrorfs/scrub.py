@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from functools import partial
 
@@ -180,25 +179,33 @@ def _summary(report: Report) -> dict:
 
 # ---------------------------------------------------------------- replace
 
-def attach_replacement(volume: Volume, old_path: str, new_path: str) -> Replica:
-    """Lay out NEW as share `index` of the volume and put it in OLD's place, STALE until healed."""
-    index = volume.share_of(old_path)
+def prepare_replacement(volume: Volume, old_path: str, new_path: str) -> tuple[Replica, list[Replica]]:
+    """Lay out NEW as the share OLD held; return it and the replicas it takes the place of.
+    It touches both directories (and OLD may be a hung NAS): on a live mount, a thread's job."""
+    index, named = volume.members.locate(old_path)
     header = dataclasses.replace(next(r.header for r in volume.replicas if r.header),
                                  share_index=index)
-    empty = Tree.new(volume.block_size, 0, 0, 0, volume.quorum)
+    empty = Tree.new(volume.block_size, 0, 0, 0, volume.members.quorum)
     try:
         new = Replica.create(new_path, header, volume.keys, empty)
         new.lock()
     except ReplicaError as exc:
         raise VolumeError(str(exc)) from None
+    return new, named + [r for r in volume.replicas if r.header and r.index == index]
+
+
+def attach_replacement(volume: Volume, new: Replica, old: list[Replica]) -> None:
+    """Put NEW in the first of OLD's places (or add it), STALE until healed."""
     new.start_worker()
     new.mark(STALE, "replacement, not yet resilvered")
-    old = os.path.realpath(old_path)
     for position, r in enumerate(volume.replicas):
-        if os.path.realpath(r.path) == old or (r.header and r.index == index):
+        if r in old:
             r.close(timeout=0)  # a dead replica may hang: do not wait for it
             volume.replicas[position] = new
-            break
-    else:
-        volume.replicas.append(new)
-    return new
+            return
+    volume.replicas.append(new)
+
+
+def replace(volume: Volume, old_path: str, new_path: str) -> None:
+    """prepare_replacement and attach_replacement, for an unmounted volume."""
+    attach_replacement(volume, *prepare_replacement(volume, old_path, new_path))

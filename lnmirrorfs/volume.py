@@ -17,7 +17,6 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +24,8 @@ from functools import partial
 import trio
 
 from . import codec, format, heal, statechoice
+from .blocks import BlockReader
+from .membership import OFFLINE_REASON, Membership
 from .opening import (
     VolumeError,
     load_views,
@@ -34,7 +35,6 @@ from .opening import (
 )
 from .replica import (
     FAULTED,
-    MISSING,
     OFFLINE,
     ONLINE,
     STALE,
@@ -44,7 +44,7 @@ from .replica import (
     seal_snapshot,
 )
 from .replicaset import ReplicaSet
-from .tree import HOLE, Inode, Tree, encode_ops, entry_gen, entry_slot
+from .tree import HOLE, Inode, Tree, encode_ops, entry_slot
 from .tree import name_to_json as _j
 
 log = logging.getLogger("lnmirrorfs.volume")
@@ -52,8 +52,6 @@ NAME_MAX = 255
 INLINE_BLOCKS = 64  # commits of up to this many blocks write their data into the log too
 RETRY_SECONDS = 1.0  # how often a change that waits for W replicas looks for returning ones
 
-
-OFFLINE_REASON = "taken offline by the operator (lnmirror replace brings a new one in)"
 
 
 def fail(err: int, what: str = "") -> OSError:
@@ -91,9 +89,6 @@ def _owner_unchanged(node: Inode, changes: dict) -> bool:
             and all(getattr(node, key) == value for key, value in changes.items()))
 
 
-def default_quorum(k: int, n: int) -> int:
-    return max(k, n // 2 + 1)
-
 
 # ---------------------------------------------------------------- opening
 
@@ -108,7 +103,7 @@ class Volume:
         self.volume_id = header.volume_id
         self.k, self.n, self.block_size = header.k, header.n, header.block_size
         self.slot_size = format.slot_size(self.block_size, self.k)
-        self.quorum = tree.quorum or default_quorum(self.k, self.n)
+        self.members = Membership(self.replica_set, tree, self.k, self.n)
         self.suspended = ""                      # why changes fail with EIO (quorum lost too long)
         self.waiting = ""                        # why a change is waiting for replicas
         self.pending: PendingRecord | None = None  # the record that waits for W replicas
@@ -117,9 +112,6 @@ class Volume:
         self.term = 0                            # this open's term; its first record starts it
         self.term_started = False
         self.committed = tree.seq                # highest record known acknowledged
-        self.wanted_quorum: int | None = None    # a W change the record after the term logs
-        self.quorum_lowered = False              # ...that holds at once (a replica taken offline)
-        self.offlined: set[int] = set(tree.offline)  # shares taken offline, logged or about to be
         self.heal_progress: dict | None = None   # a live scrub's {"done", "total"} bytes
         self.lock = trio.Lock()                  # serializes check + commit + apply
         self.dirty: dict[int, dict[int, bytearray]] = {}
@@ -128,13 +120,12 @@ class Volume:
         self.pending_mtime: dict[int, int] = {}
         self.refs: dict[int, int] = {}           # kernel lookup counts (FUSE forget protocol)
         self.unused: set[int] = set()            # orphans the kernel forgot: free next record
-        self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self.bad_shares: set[tuple[int, int, int]] = set()  # (replica index, ino, block)
         self.log_bytes = 0
         self.snapshotting: set[Replica] = set()  # replicas writing a background snapshot
         # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
         self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
-        self._zero = bytes(self.block_size)
+        self.reader = BlockReader(self.replica_set, keys, self.volume_id, tree, self.k, self.n,
+                                  self.block_size, options.cache_bytes, self.dirty, self.inflight)
 
     @classmethod
     def open(cls, paths: list[str], master: bytes, options: Options | None = None,
@@ -172,10 +163,10 @@ class Volume:
                     r.state, r.reason, r.offline = OFFLINE, OFFLINE_REASON, True
         volume = cls(replicas, keys, choice.tree, options)
         volume.choice, volume.writable = choice, writable
-        volume._set_quorum(options.quorum)
+        volume.members.want(options.quorum)
         lagging = volume._lagging(views) if writable else {}
         if serving:
-            volume.check_quorum(can_join=len(lagging))
+            volume.members.check(can_join=len(lagging))
         if writable:
             rewrite_damaged_headers(replicas, views, keys)
         volume.committed = choice.commit
@@ -208,15 +199,6 @@ class Volume:
             except OSError as exc:
                 r.mark(FAULTED, f"cannot recover or open the log for writing: {exc.strerror}")
 
-    def _set_quorum(self, wanted: int | None) -> None:
-        """A W asked for at mount that differs from the volume's is logged by the first
-        record after the term's; until it is acknowledged the stricter of the two holds."""
-        if wanted is None or wanted == self.tree.quorum:
-            return
-        if not self.k <= wanted <= self.n:
-            raise VolumeError(f"quorum {wanted} must be between k={self.k} and n={self.n}")
-        self.wanted_quorum = wanted
-
     def _lagging(self, views: list[statechoice.View]) -> dict:
         """Replicas that are only behind (or hold never-acknowledged records of an old
         mount) and whose own records since the fork are all in their log: catchable."""
@@ -227,82 +209,21 @@ class Volume:
                 lagging[r] = (verdict.fork, view.loaded)
         return lagging
 
-    def check_quorum(self, can_join: int = 0) -> None:
-        """Refuse to serve writes that could never be acknowledged (a mount would only
-        give lightningd EIO on its first commit); scrub, which heals, does not ask.
-        `can_join`: lagging replicas a catch-up is about to bring in."""
-        usable = len(self.online) + can_join
-        if usable < self.commit_quorum():
-            problems = [f"{r.path} is {r.state} ({r.reason})" for r in self.replicas
-                        if r.state != ONLINE]
-            if len(self.replicas) < self.n:
-                problems.append(f"{self.n - len(self.replicas)} of the volume's {self.n} "
-                                "replicas not given")
-            absent = len(self.replicas) < self.n or any(r.state == MISSING for r in self.replicas)
-            advice = ("bring the missing replicas back (or lnmirror replace a lost one)" if absent
-                      else "heal them with lnmirror scrub --replica ... (unmounted)")
-            raise VolumeError(f"only {usable} replica(s) writable, the write quorum is "
-                              f"{self.commit_quorum()}: {'; '.join(problems)}; {advice}")
-
     def commit_quorum(self) -> int:
-        """W for the next record: the stricter of the old and new W while a change is
-        pending, except that taking a replica offline lowers it at once (the operator's
-        call: the replica is gone, and waiting for it would never end)."""
-        if self.quorum_lowered and self.wanted_quorum:
-            return self.wanted_quorum
-        return max(self.quorum, self.wanted_quorum or 0)
-
-    def share_of(self, path: str) -> int:
-        """The share a replica directory holds: from its header if readable, else the one
-        no other replica given accounts for."""
-        wanted = os.path.realpath(path)
-        for r in self.replicas:
-            if os.path.realpath(r.path) == wanted and r.header:
-                return r.index
-        held = {r.index for r in self.replicas if r.header and os.path.realpath(r.path) != wanted}
-        missing = sorted(set(range(self.n)) - held)
-        if len(missing) != 1:
-            raise VolumeError(f"cannot tell which share {path} held (shares not present: "
-                              f"{missing}); give every other replica with --replica")
-        return missing[0]
-
-    def _named(self, path: str) -> tuple[int, list[Replica]]:
-        """The share `path` holds and the replicas opened at that path.  Resolving paths
-        touches the replica's filesystem: run it in a thread (a NAS may hang)."""
-        wanted = os.path.realpath(path)
-        return self.share_of(path), [r for r in self.replicas if os.path.realpath(r.path) == wanted]
-
-    def take_offline(self, path: str, index: int, named: list[Replica]) -> str:
-        """Run without a replica that is gone for good until `lnmirror replace` brings a new
-        one in (as `zpool offline` does): it is never written or probed again, and W drops
-        to what the others can reach.  The next record logs both (the state choice then
-        blames it and proves with the lower W).  `index` and `named` come from _named.
-        Returns the risk, in one line."""
-        if index in self.offlined:
-            raise VolumeError(f"{path} (share {index}) is offline already")
-        left = self.n - len(self.offlined) - 1
-        if left < self.k:
-            raise VolumeError(f"taking {path} offline would leave {left} replica(s), fewer "
-                              f"than the k={self.k} that hold a block")
-        self.offlined.add(index)
-        for r in self.replicas:
-            if (r.header and r.index == index) or r in named:
-                r.state, r.reason, r.offline = OFFLINE, OFFLINE_REASON, True
-        if left < self.commit_quorum():
-            self.wanted_quorum, self.quorum_lowered = left, True
-        log.warning("replica %s (share %d) taken offline: %s", path, index, self.offline_risk())
-        return self.offline_risk()
+        return self.members.commit_quorum()
 
     async def offline(self, path: str) -> dict:
-        """take_offline, then log it: a change waiting for that replica completes with the
-        lower W within a second, then a record of its own logs the offline op."""
-        named = None
+        """Take a replica offline (Membership.take_offline), then log it: a change waiting
+        for that replica completes with the lower W within a second, then a record of its
+        own logs the offline op."""
+        located = None
         try:
             with trio.move_on_after(self.options.deadline):
-                named = await trio.to_thread.run_sync(self._named, path, abandon_on_cancel=True)
-            if named is None:
+                located = await trio.to_thread.run_sync(self.members.locate, path,
+                                                        abandon_on_cancel=True)
+            if located is None:
                 return {"error": f"{path}: no answer within {self.options.deadline:g}s"}
-            risk = self.take_offline(path, *named)
+            risk = self.members.take_offline(path, *located)
         except VolumeError as exc:
             return {"error": str(exc)}
         async with self.lock:
@@ -313,30 +234,6 @@ class Volume:
                 return {"risk": risk, "recorded": False,
                         "error": f"taken offline, but not logged yet: {exc.strerror or exc}"}
         return {"risk": risk, "recorded": True, "record": self.tree.seq}
-
-    def offline_risk(self) -> str:
-        if not self.offlined:
-            return ""
-        w = self.commit_quorum()
-        return (f"share(s) {', '.join(map(str, sorted(self.offlined)))} offline: commits need "
-                f"{w} of the {self.n - len(self.offlined)} replica(s) left, which can lose "
-                f"{w - self.k} more without losing acknowledged changes; lnmirror replace "
-                "restores full strength")
-
-    def _membership_ops(self) -> list[dict]:
-        """Log replicas taken offline, and offline ones a replace brought back (W goes back
-        up to what it was, as far as the replicas left allow)."""
-        ops = [{"op": "offline", "replica": i} for i in sorted(self.offlined - set(self.tree.offline))]
-        back = sorted(i for i in self.tree.offline if any(
-            r.header and r.index == i and r.state == ONLINE for r in self.replicas))
-        for i in back:
-            ops.append({"op": "online", "replica": i})
-            self.offlined.discard(i)
-        if back:
-            restored = min(max(self.tree.offline[i] for i in back), self.n - len(self.offlined))
-            if restored > self.quorum:
-                self.wanted_quorum, self.quorum_lowered = restored, False
-        return ops
 
     def close(self) -> None:
         self.replica_set.close()
@@ -355,9 +252,8 @@ class Volume:
         """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
         inos = list(inos)
         self._check_writable()
-        membership = self._membership_ops()
-        if not (ops or any(self.dirty.get(i) for i in inos) or self.unused or self._blame_ops()
-                or self.wanted_quorum or membership):
+        if not (ops or any(self.dirty.get(i) for i in inos) or self.unused
+                or self.members.pending()):
             return
         await self.start_term()
         seq = self.tree.seq + 1
@@ -366,7 +262,7 @@ class Volume:
             self.dirty.pop(node.ino, None)
         slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
         write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
-        ops = (membership + self._quorum_ops() + self._blame_ops()
+        ops = (self.members.ops(self.choice.serve if self.choice else None)
                + [{"op": "free", "ino": n.ino} for n in freed] + write_ops + ops)
         await self._write_record(seq, ops, slots, inos, freed)
 
@@ -497,35 +393,10 @@ class Volume:
         if self.log_bytes > self.options.snapshot_log_bytes:
             self._snapshot_in_background()
 
-    def _quorum_ops(self) -> list[dict]:
-        """A W asked for at mount is logged by the open's first record after its term."""
-        return [{"op": "quorum", "w": self.wanted_quorum}] if self.wanted_quorum else []
-
     def _acknowledged(self, seq: int) -> None:
         self.committed = seq
         self.term_started = True
-        self.quorum = self.tree.quorum
-        if self.wanted_quorum == self.quorum:
-            self.wanted_quorum, self.quorum_lowered = None, False
-
-    def _blame_ops(self) -> list[dict]:
-        """Blame every share no online replica holds (faulted, stale, or missing: it gets
-        no records from now on); absolve healed ones."""
-        ops = []
-        online = {r.index for r in self.replicas if r.header is not None and r.state == ONLINE}
-        known = {r.index: r for r in self.replicas if r.header is not None}
-        for index in range(self.n):
-            blamed = index in self.tree.blame
-            if index not in online and not blamed:
-                r = known.get(index)
-                # A replica missing at mount holds at most the state this open serves.
-                last = r.last_seq if r is not None else (self.choice.serve if self.choice else None)
-                since = None if last is None else last + 1
-                ops.append({"op": "blame", "replica": index, "since": since,
-                            "reason": (r.reason if r else "") or "missing at mount"})
-            elif index in online and blamed:
-                ops.append({"op": "absolve", "replica": index})
-        return ops
+        self.members.acknowledged()
 
     def _encode_dirty(self, ino: int, seq: int, slots: list[list]) -> dict:
         """Seal and FEC-encode an inode's dirty blocks for generation seq into per-replica slots."""
@@ -552,7 +423,7 @@ class Volume:
         are in the tree (a truncate may have left an empty dirty table: drop it too)."""
         for ino in inos:
             for index, data in self.inflight.pop(ino, {}).items():
-                self._cache_put(ino, index, data)
+                self.reader.cache_put(ino, index, data)
             if not self.dirty.get(ino):
                 self.dirty.pop(ino, None)
                 self.pending_size.pop(ino, None)
@@ -603,123 +474,6 @@ class Volume:
                          for r in targets], len(targets))
         self.log_bytes = 0
 
-    # ---- reading blocks ----
-
-    def _cache_put(self, ino: int, index: int, data: bytes) -> None:
-        self.cache[(ino, index)] = data
-        self.cache.move_to_end((ino, index))
-        while len(self.cache) * self.block_size > self.options.cache_bytes:
-            self.cache.popitem(last=False)
-
-    def _buffered_block(self, node: Inode, index: int) -> bytes | None:
-        """A block's content if it is at hand: buffered, in flight, cached, or a hole."""
-        ino = node.ino
-        buf = self.dirty.get(ino, {}).get(index)
-        if buf is not None:
-            return bytes(buf)
-        data = self.inflight.get(ino, {}).get(index)
-        if data is not None:
-            return data
-        data = self.cache.get((ino, index))
-        if data is not None:
-            self.cache.move_to_end((ino, index))
-            return data
-        if index >= len(node.blocks) or node.blocks[index] == HOLE:
-            return self._zero
-        return None
-
-    async def read_blocks(self, node: Inode, indexes: list[int]) -> dict[int, bytes]:
-        """Current content of some blocks; those not at hand come from the replicas in one
-        batch per replica (a 128 KiB read costs one hop, not 32).  A block committed anew
-        while its old version was being fetched is taken again from memory: the old one
-        must neither be returned nor poison the cache."""
-        out: dict[int, bytes] = {}
-        missing = list(indexes)
-        while missing:
-            wanted = []
-            for index in missing:
-                data = self._buffered_block(node, index)
-                if data is None:
-                    wanted.append((index, node.blocks[index]))
-                else:
-                    out[index] = data
-            if not wanted:
-                break
-            fetched = await self._fetch_blocks(node.ino, [
-                (index, entry_gen(entry), entry_slot(entry)) for index, entry in wanted])
-            missing = []
-            for index, entry in wanted:
-                if self._current_entry(node, index) == entry and not self._buffered_anew(node, index):
-                    self._cache_put(node.ino, index, fetched[index])
-                    out[index] = fetched[index]
-                else:
-                    missing.append(index)
-        return out
-
-    def _current_entry(self, node: Inode, index: int) -> int:
-        return node.blocks[index] if index < len(node.blocks) else HOLE
-
-    def _buffered_anew(self, node: Inode, index: int) -> bool:
-        """Written (buffered or in flight) since: memory holds a newer version."""
-        return (self.dirty.get(node.ino, {}).get(index) is not None
-                or self.inflight.get(node.ino, {}).get(index) is not None)
-
-    async def read_block(self, node: Inode, index: int) -> bytes:
-        return (await self.read_blocks(node, [index]))[index]
-
-    async def _fetch_blocks(self, ino: int, wanted: list[tuple[int, int, int]]) -> dict[int, bytes]:
-        """Read shares of (block, generation, slot)s from the least busy online replicas,
-        verify each, and decode every block from k good shares (asking more replicas for
-        blocks that lack them)."""
-        candidates = sorted(self.online, key=lambda r: r.worker.pending)
-        shares: dict[int, dict[int, bytes]] = {index: {} for index, _, _ in wanted}
-        remaining = wanted
-        while remaining and candidates:
-            ask = self.k - min(len(shares[index]) for index, _, _ in remaining)
-            batch, candidates = candidates[:ask], candidates[ask:]
-            wanted_slots = [(ino, index, slot) for index, _, slot in remaining]
-            results = await self.replica_set.run_jobs(
-                [(r, partial(r.read_shares, wanted_slots, self.slot_size)) for r in batch],
-                len(batch))
-            for r, raws in results.items():
-                for (index, gen, _), raw in zip(remaining, raws, strict=True):
-                    share = self._verify_share(r, ino, index, gen, raw)
-                    if share is not None:
-                        shares[index][r.index] = share
-            remaining = [w for w in remaining if len(shares[w[0]]) < self.k]
-        if remaining:
-            raise fail(errno.EIO, f"block {remaining[0][0]} of inode {ino}: fewer than "
-                                  f"k={self.k} good shares")
-        out = {}
-        for index, gen, _ in wanted:
-            try:
-                out[index] = codec.decode_block(self.keys, self.volume_id, self.k, self.n, ino,
-                                                index, gen, self.tree.term_of(gen), shares[index],
-                                                self.block_size)
-            except codec.CodecError as exc:
-                log.error("inode %d block %d: shares verified but block does not decrypt: %s",
-                          ino, index, exc)
-                raise fail(errno.EIO) from None
-        return out
-
-    def share_ok(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
-        """The share in a raw slot if it is the right generation and its checksum holds."""
-        got_gen, checksum, share = format.unpack_slot(raw)
-        if got_gen != gen:
-            return None
-        expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen,
-                                        self.tree.term_of(gen), r.index, share)
-        return share if checksum == expected else None
-
-    def _verify_share(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
-        share = self.share_ok(r, ino, index, gen, raw)
-        if share is None:
-            r.counters.checksum += 1
-            self.bad_shares.add((r.index, ino, index))
-            log.warning("replica %s: bad share for inode %d block %d (needs scrub)",
-                        r.path, ino, index)
-        return share
-
     # ---- file data ----
 
     def size_of(self, node: Inode) -> int:
@@ -736,7 +490,7 @@ class Volume:
             return b""
         bs = self.block_size
         indexes = list(range(offset // bs, (end - 1) // bs + 1))
-        blocks = await self.read_blocks(node, indexes)
+        blocks = await self.reader.read_blocks(node, indexes)
         parts = []
         for index in indexes:
             lo = max(offset - index * bs, 0)
@@ -752,7 +506,7 @@ class Volume:
         returns what is current when it returns, and a buffer made meanwhile wins."""
         buf = self.dirty.get(node.ino, {}).get(index)
         if buf is None:
-            old = await self.read_block(node, index)
+            old = await self.reader.read_block(node, index)
             buf = self.dirty.setdefault(node.ino, {}).setdefault(index, bytearray(old))
         return buf
 
@@ -925,12 +679,11 @@ class Volume:
         for table in (self.dirty.get(node.ino, {}), self.inflight.get(node.ino, {})):
             for index in [i for i in table if i >= keep]:
                 del table[index]
-        for key in [key for key in self.cache if key[0] == node.ino and key[1] >= keep]:
-            del self.cache[key]
+        self.reader.drop_cached(node.ino, keep)
         if size % bs and size < self.size_of(node):
             buf = await self._dirty_block(node, size // bs)
             buf[size % bs:] = bytes(bs - size % bs)
-            self.cache.pop((node.ino, size // bs), None)
+            self.reader.cache.pop((node.ino, size // bs), None)
         self.pending_size[node.ino] = size
 
     def _reclaim_beyond_end(self, node: Inode) -> None:
@@ -982,8 +735,7 @@ class Volume:
         """Drop what memory and the replicas still hold of an inode whose free committed."""
         for table in (self.dirty, self.inflight, self.pending_size, self.pending_mtime):
             table.pop(node.ino, None)
-        for key in [key for key in self.cache if key[0] == node.ino]:
-            del self.cache[key]
+        self.reader.drop_cached(node.ino)
         if node.is_reg:
             for r in self.online:
                 r.worker.submit(partial(r.remove_data, node.ino), lambda result, error: None)
@@ -1020,18 +772,18 @@ class Volume:
 
     async def status(self) -> dict:
         free = {r: space[1] for r, space in (await self.replica_set.probe()).items()}
-        healthy = all(r.state == ONLINE for r in self.replicas) and not self.offlined
+        healthy = all(r.state == ONLINE for r in self.replicas) and not self.members.offlined
         state = ("SUSPENDED" if self.suspended else "WAITING" if self.waiting
                  else "ONLINE" if healthy else "DEGRADED")
         return {"volume": self.volume_id.hex(), "state": state,
-                "reason": self.suspended or self.waiting or self.offline_risk(),
-                "k": self.k, "n": self.n, "quorum": self.quorum, "record": self.tree.seq,
+                "reason": self.suspended or self.waiting or self.members.risk(),
+                "k": self.k, "n": self.n, "quorum": self.members.quorum, "record": self.tree.seq,
                 "written_ms": self.tree.time_ms, "committed": self.committed,
                 "term": statechoice.term_number(self.term or self.tree.term),
                 "doubt": self.choice.doubt if self.choice else "",
                 "heal_progress": self.heal_progress,
                 "blamed": {str(i): why for i, why in self.tree.blame.items()},
-                "bad_shares": len(self.bad_shares), "stats": dict(self.stats),
+                "bad_shares": len(self.reader.bad_shares), "stats": dict(self.stats),
                 "last_scrub": self.tree.last_scrub,
                 "replicas": [r.status(free.get(r)) for r in self.replicas]}
 

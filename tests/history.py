@@ -35,9 +35,10 @@ from pathlib import Path
 import trio
 
 from lnmirrorfs import codec, format, scrub
+from lnmirrorfs.membership import default_quorum
 from lnmirrorfs.replica import DELETED_SUFFIX, ONLINE, Replica
 from lnmirrorfs.tree import Tree
-from lnmirrorfs.volume import Options, Volume, VolumeError, default_quorum
+from lnmirrorfs.volume import Options, Volume, VolumeError
 
 # A change that misses W fails at once (the mount's ride-through is tested on real mounts).
 # Snapshots are taken in the background every few records (the mount: every 16 MiB of log).
@@ -235,7 +236,7 @@ class History:
         self.files, self.w = dict(served[0]), served[1]
         if writable:
             try:
-                volume.check_quorum()
+                volume.members.check()
             except VolumeError as exc:
                 self.refused(str(exc), writable, provable)
                 self.close_volume(clean=False)
@@ -640,11 +641,11 @@ class History:
             self.refused(str(exc), True, provable)
             return
         try:
-            volume.share_of(str(self.paths[index]))  # two gone: refused
+            volume.members.locate(str(self.paths[index]))  # two gone: refused
             shutil.rmtree(self.away.pop(index))
             self.paths[index].mkdir()
             self.holder[index] = False
-            scrub.attach_replacement(volume, str(self.paths[index]), str(self.paths[index]))
+            scrub.replace(volume, str(self.paths[index]), str(self.paths[index]))
             self.volume, self.writable = volume, True
             trio.run(scrub.scrub, volume)
             if volume.term_started:

@@ -205,3 +205,31 @@ def test_offline_a_replica_gone_for_good_then_replace_it(make_vol, tmp_path):
     assert m.unmount() == 0
     v.restore(tmp_path / "out", replicas=[new])
     assert workload.check_db(str(tmp_path / "out")) == total + 3
+
+
+def test_a_replica_away_at_mount_joins_once_it_is_back(make_vol, tmp_path):
+    """n=3, W=2: C's NAS is down when the node starts.  The mount serves from A and B;
+    once C's directory is back, the daemon finds it, catches it up and puts it ONLINE:
+    no remount, no scrub, and C alone then restores every acknowledged change."""
+    v = make_vol(n=3, k=1)
+    gone = tmp_path / "c-away"
+    os.rename(v.replicas[2], gone)
+    m = v.mount("--deadline", str(DEADLINE))
+    (m.path / "before").write_bytes(os.urandom(100_000))
+    s = status(m)
+    assert s["state"] == "DEGRADED" and s["replicas"][2]["state"] == "MISSING", s
+    os.rename(gone, v.replicas[2])
+    wait_for(lambda: all_online(m), 30, "C joins")
+    assert "is back" in m.output() and "caught up" in m.output()
+    loop = workload.CommitLoop(str(m.path))
+    try:
+        wait_for(lambda: loop.acked > 20 or loop.errors, 30, "commits go on")
+    finally:
+        loop.stop()
+    assert not loop.errors, loop.errors
+    before = (m.path / "before").read_bytes()
+    assert m.unmount() == 0
+    out = tmp_path / "restore-c"  # alone C cannot prove it is the latest (W=2): it is
+    lnmirror("restore", "--unproven", *v.replica_args([v.replicas[2]]), str(out))
+    assert (out / "before").read_bytes() == before
+    assert workload.check_db(str(out)) == loop.acked

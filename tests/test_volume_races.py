@@ -31,7 +31,7 @@ async def test_partial_write_racing_a_commit_of_the_same_block_loses_nothing(tmp
     node = await volume.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(node.ino, 0, b"o" * bs)
     await volume.sync(node.ino)
-    volume.cache.clear()  # the partial write must go to the replicas for the old block
+    volume.reader.cache.clear()  # the partial write must go to the replicas for the old block
 
     async def other_writer() -> None:
         await volume.write(node.ino, 0, b"N" * bs)
@@ -47,7 +47,7 @@ async def test_partial_write_racing_a_commit_of_the_same_block_loses_nothing(tmp
         await trio.testing.wait_all_tasks_blocked()
         hold.set()
     await volume.sync(node.ino)
-    volume.cache.clear()
+    volume.reader.cache.clear()
     got = await volume.read(node.ino, 0, bs)
     assert got == b"N" * 10 + b"x" + b"N" * (bs - 11)
     volume.close()
@@ -62,7 +62,7 @@ async def test_read_racing_a_commit_never_caches_the_old_block(tmp_path):
     node = await volume.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(node.ino, 0, b"o" * bs)
     await volume.sync(node.ino)
-    volume.cache.clear()
+    volume.reader.cache.clear()
     hold = threading.Event()
     for r in volume.online:
         r.worker.submit(hold.wait, lambda result, error: None)

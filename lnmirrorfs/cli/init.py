@@ -11,10 +11,11 @@ import time
 import trio
 
 from .. import codec, format
+from ..membership import default_quorum
 from ..replica import Replica
 from ..restore import RestoreError, check_node_stopped, import_tree
 from ..tree import Tree
-from ..volume import Options, Volume, VolumeError, default_quorum
+from ..volume import Options, Volume, VolumeError
 from .common import CliError, default_key_path, write_key_file
 from .progress import progress_line
 

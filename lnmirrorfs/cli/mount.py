@@ -117,7 +117,7 @@ def _open_for_mount(args: argparse.Namespace, mountpoint: str) -> Volume:
     args.daemon_lock = hold_daemon_lock(mountpoint)  # kept open until this process exits
     volume = open_volume(args.replica, args.key_file, volume_options(args), serving=True)
     try:
-        volume.check_quorum()
+        volume.members.check()
     except VolumeError as exc:
         volume.close()
         raise CliError(str(exc)) from None

@@ -27,7 +27,7 @@ def cmd_replace(args: argparse.Namespace) -> int:
     request = {"cmd": "replace", "old": os.path.abspath(args.old), "new": os.path.abspath(args.new)}
 
     async def replace_offline(volume: Volume, progress) -> scrub.Report:
-        scrub.attach_replacement(volume, args.old, args.new)
+        scrub.replace(volume, args.old, args.new)
         return await scrub.scrub(volume, progress=progress)
 
     if args.replica:  # the dead replica itself need not (cannot) be opened
