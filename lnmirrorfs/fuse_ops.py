@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 
+from .namespace import Namespace
 from .tree import Inode
 from .volume import NAME_MAX, Volume, fail
 
@@ -52,6 +53,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, volume: Volume) -> None:
         super().__init__()
         self.volume = volume
+        self.names = Namespace(volume)
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self._file_handles: dict[int, FileHandle] = {}
         self._next_handle = itertools.count(1)
@@ -91,7 +93,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def lookup(self, parent_inode, name, ctx):
-        return self._entry(self.volume.lookup(parent_inode, name))
+        return self._entry(self.names.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
@@ -118,7 +120,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime"] = attr.st_mtime_ns
         if changes:
-            node = await self.volume.setattr(inode, **changes)
+            node = await self.names.setattr(inode, **changes)
         return self._attr(node)
 
     @_guard
@@ -132,37 +134,37 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        node = await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev)
+        node = await self.names.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev)
         return self._entry(node)
 
     @_guard
     async def mkdir(self, parent_inode, name, mode, ctx):
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
-        return self._entry(await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._entry(await self.names.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_guard
     async def symlink(self, parent_inode, name, target, ctx):
-        node = await self.volume.mknod(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
+        node = await self.names.mknod(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
                                        target=target)
         return self._entry(node)
 
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
         mode = stat.S_IFREG | stat.S_IMODE(mode)
-        node = await self.volume.mknod(parent_inode, name, mode, ctx.uid, ctx.gid)
+        node = await self.names.mknod(parent_inode, name, mode, ctx.uid, ctx.gid)
         return self._open_handle(node.ino), self._entry(node)
 
     @_guard
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._entry(await self.volume.link(inode, new_parent_inode, new_name))
+        return self._entry(await self.names.link(inode, new_parent_inode, new_name))
 
     @_guard
     async def unlink(self, parent_inode, name, ctx):
-        await self.volume.unlink(parent_inode, name, want_dir=False)
+        await self.names.unlink(parent_inode, name, want_dir=False)
 
     @_guard
     async def rmdir(self, parent_inode, name, ctx):
-        await self.volume.unlink(parent_inode, name, want_dir=True)
+        await self.names.unlink(parent_inode, name, want_dir=True)
 
     @_guard
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -170,7 +172,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_WHITEOUT (overlayfs), or anything newer
             raise fail(errno.EINVAL, f"rename flags {flags:#x} are not supported")
-        await self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+        await self.names.rename(parent_inode_old, name_old, parent_inode_new, name_new,
                                  noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
 
     # ---- file data ----
@@ -182,7 +184,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EISDIR)
         if flags & os.O_TRUNC and node.is_reg:
             # libfuse enables atomic O_TRUNC: the kernel sends no setattr, we truncate here.
-            await self.volume.setattr(inode, size=0)
+            await self.names.setattr(inode, size=0)
         return self._open_handle(inode)
 
     def _open_handle(self, ino: int) -> pyfuse3.FileInfo:

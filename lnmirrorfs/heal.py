@@ -94,7 +94,7 @@ async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
                 report.bad_shares += 1
                 r.counters.checksum += 1
         if len(good) < volume.k:
-            report.unrepairable.append(f"{volume.path_of(ino)} block {block}: only {len(good)} "
+            report.unrepairable.append(f"{volume.tree.path_of(ino)} block {block}: only {len(good)} "
                                        f"good shares of the {volume.k} needed")
             unhealed.update(bad)
             continue

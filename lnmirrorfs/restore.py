@@ -14,6 +14,7 @@ import socket
 import stat
 from collections.abc import Callable
 
+from .namespace import Namespace
 from .tree import Inode
 from .volume import Volume
 
@@ -143,6 +144,7 @@ async def import_tree(volume: Volume, source: str, progress: Progress | None = N
     """Copy a plain directory tree into an empty volume (modes, owners, times, symlinks,
     hard links, FIFOs), then read every file back through the volume and compare."""
     counts = {"files": 0, "dirs": 0, "links": 0, "bytes": 0, "skipped_sockets": 0}
+    names = Namespace(volume)
     meter = _Meter(progress, sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in
                                  os.walk(source) for f in files
                                  if stat.S_ISREG(os.lstat(os.path.join(d, f)).st_mode)))
@@ -156,14 +158,14 @@ async def import_tree(volume: Volume, source: str, progress: Progress | None = N
             st = entry.stat(follow_symlinks=False)
             name = os.fsencode(entry.name)
             if (st.st_dev, st.st_ino) in seen:
-                await volume.link(seen[(st.st_dev, st.st_ino)], parent, name)
+                await names.link(seen[(st.st_dev, st.st_ino)], parent, name)
                 counts["links"] += 1
                 continue
             if stat.S_ISSOCK(st.st_mode):
                 counts["skipped_sockets"] += 1
                 continue
             target = os.fsencode(os.readlink(entry.path)) if entry.is_symlink() else b""
-            node = await volume.mknod(parent, name, st.st_mode, st.st_uid, st.st_gid,
+            node = await names.mknod(parent, name, st.st_mode, st.st_uid, st.st_gid,
                                       rdev=st.st_rdev, target=target)
             seen[(st.st_dev, st.st_ino)] = node.ino
             if stat.S_ISDIR(st.st_mode):
@@ -175,11 +177,11 @@ async def import_tree(volume: Volume, source: str, progress: Progress | None = N
                 counts["bytes"] += await _import_file(volume, node.ino, entry.path, meter)
                 copied.append((entry.path, node.ino))
                 counts["files"] += 1
-            await volume.setattr(node.ino, atime=st.st_atime_ns, mtime=st.st_mtime_ns)
+            await names.setattr(node.ino, atime=st.st_atime_ns, mtime=st.st_mtime_ns)
     root = dirs[0][1]
-    await volume.setattr(1, mode=root.st_mode, uid=root.st_uid, gid=root.st_gid)
+    await names.setattr(1, mode=root.st_mode, uid=root.st_uid, gid=root.st_gid)
     for ino, st in reversed(dirs):  # children first, so adding them does not bump mtime
-        await volume.setattr(ino, atime=st.st_atime_ns, mtime=st.st_mtime_ns)
+        await names.setattr(ino, atime=st.st_atime_ns, mtime=st.st_mtime_ns)
     for path, ino in copied:
         await _verify_file(volume, ino, path)
     return counts

@@ -187,6 +187,13 @@ class Tree:
             if node.is_dir:
                 yield from self.walk(child_ino, path + b"/")
 
+    def path_of(self, ino: int) -> str:
+        """A name of an inode, for reports ("(unlinked)" if it has none)."""
+        for path, node in self.walk():
+            if node.ino == ino:
+                return "/" + path.decode(errors="replace")
+        return f"(unlinked inode {ino})"
+
     def quorum_since(self, seq: int) -> int:
         """The smallest W any record after `seq` may have been acknowledged under (a W
         change counts only from the record that logged it)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ from .replica import (
 )
 from .replicaset import ReplicaSet
 from .tree import HOLE, Inode, Tree, encode_ops, entry_slot
-from .tree import name_to_json as _j
 
 log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
@@ -81,12 +79,6 @@ class PendingRecord:
     inos: list[int]
     freed: list[Inode]
     records: list[bytes]   # per share index
-
-
-def _owner_unchanged(node: Inode, changes: dict) -> bool:
-    """A chown/chgrp to the owner the inode already has, and nothing else."""
-    return (bool(changes) and set(changes) <= {"uid", "gid"}
-            and all(getattr(node, key) == value for key, value in changes.items()))
 
 
 
@@ -388,7 +380,7 @@ class Volume:
         self._acknowledged(head.seq)
         self._settle_inflight(record.inos)
         for node in record.freed:
-            self._forget(node)
+            self.forget(node)
         self.log_bytes += len(record.records[0])
         if self.log_bytes > self.options.snapshot_log_bytes:
             self._snapshot_in_background()
@@ -537,142 +529,7 @@ class Volume:
             inos = [ino] if ino is not None else list(self.dirty)
             await self.commit([], [i for i in inos if i in self.tree.inodes])
 
-    # ---- namespace ----
-
-    def lookup(self, parent: int, name: bytes) -> Inode:
-        node = self._dir(parent)
-        if len(name) > NAME_MAX:
-            raise fail(errno.ENAMETOOLONG)
-        if name == b".":
-            return node
-        child = self.tree.child(parent, name)
-        if child is None:
-            raise fail(errno.ENOENT)
-        return child
-
-    def _dir(self, ino: int) -> Inode:
-        node = self.tree.inodes.get(ino)
-        if node is None:
-            raise fail(errno.ENOENT)
-        if not node.is_dir:
-            raise fail(errno.ENOTDIR)
-        return node
-
-    def _new_name(self, parent: int, name: bytes) -> Inode:
-        node = self._dir(parent)
-        if len(name) > NAME_MAX:
-            raise fail(errno.ENAMETOOLONG)
-        if name in node.entries:
-            raise fail(errno.EEXIST)
-        return node
-
-    async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-                    rdev: int = 0, target: bytes = b"") -> Inode:
-        """Create a file, directory, symlink, socket, FIFO or device node."""
-        async with self.lock:
-            parent_node = self._new_name(parent, name)
-            if parent_node.mode & stat.S_ISGID:  # BSD group semantics of set-group-ID dirs
-                gid = parent_node.gid
-                if stat.S_ISDIR(mode):
-                    mode |= stat.S_ISGID
-            ino = self.tree.next_ino
-            op = {"op": "mknod", "ino": ino, "parent": parent, "name": _j(name), "mode": mode,
-                  "uid": uid, "gid": gid, "rdev": rdev, "time": time.time_ns()}
-            if target:
-                op["target"] = _j(target)
-            await self.commit([op])
-            return self.tree.inodes[ino]
-
-    async def link(self, ino: int, parent: int, name: bytes) -> Inode:
-        async with self.lock:
-            self._new_name(parent, name)
-            node = self.tree.inodes[ino]
-            if node.is_dir:
-                raise fail(errno.EPERM)
-            await self.commit([{"op": "link", "ino": ino, "parent": parent, "name": _j(name),
-                                "time": time.time_ns()}])
-            return node
-
-    async def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
-        async with self.lock:
-            node = self.lookup(parent, name)
-            if want_dir:
-                if not node.is_dir:
-                    raise fail(errno.ENOTDIR)
-                if node.entries:
-                    raise fail(errno.ENOTEMPTY)
-            elif node.is_dir:
-                raise fail(errno.EISDIR)
-            frees = self._free_ops(node, 1)
-            await self.commit([{"op": "unlink", "parent": parent, "name": _j(name),
-                                "time": time.time_ns()}] + frees)
-            if frees:
-                self._forget(node)
-
-    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
-                     noreplace: bool = False) -> None:
-        async with self.lock:
-            node = self.lookup(parent, name)
-            self._dir(new_parent)
-            if len(new_name) > NAME_MAX:
-                raise fail(errno.ENAMETOOLONG)
-            target = self.tree.child(new_parent, new_name)
-            if target is not None:
-                if noreplace:
-                    raise fail(errno.EEXIST)
-                if target.ino == node.ino:
-                    return
-                if node.is_dir and not target.is_dir:
-                    raise fail(errno.ENOTDIR)
-                if target.is_dir and not node.is_dir:
-                    raise fail(errno.EISDIR)
-                if target.is_dir and target.entries:
-                    raise fail(errno.ENOTEMPTY)
-            if node.is_dir and self._is_ancestor(node.ino, new_parent):
-                raise fail(errno.EINVAL)
-            # The renamed file's buffered data goes in the same record (like ext4's
-            # auto_da_alloc), so "write new file, rename over old" never yields a hole.
-            frees = self._free_ops(target, 1) if target is not None else []
-            await self.commit([{"op": "rename", "parent": parent, "name": _j(name),
-                                "new_parent": new_parent, "new_name": _j(new_name),
-                                "time": time.time_ns()}] + frees, [node.ino])
-            if frees:
-                self._forget(target)
-
-    def _is_ancestor(self, ino: int, descendant: int) -> bool:
-        """True if `descendant` is `ino` or lies below it."""
-        if ino == descendant:
-            return True
-        stack = [ino]
-        while stack:
-            for child in self.tree.inodes[stack.pop()].entries.values():
-                if child == descendant:
-                    return True
-                if self.tree.inodes[child].is_dir:
-                    stack.append(child)
-        return False
-
-    async def setattr(self, ino: int, **changes: int) -> Inode:
-        """Change mode, uid, gid, size, atime or mtime (whichever are given)."""
-        async with self.lock:
-            node = self.tree.inodes[ino]
-            changes = {k: v for k, v in changes.items() if v is not None}
-            if _owner_unchanged(node, changes):
-                # SQLite, run as root, fchowns every journal it creates to the database's
-                # owner: nothing changes, so it costs no commit (only ctime stays as it was).
-                return node
-            op = {"op": "setattr", "ino": ino, "ctime": time.time_ns(), **changes}
-            if "size" in op:
-                if not node.is_reg:
-                    raise fail(errno.EISDIR if node.is_dir else errno.EINVAL)
-                await self._truncate_buffers(node, op["size"])
-                op.setdefault("mtime", op["ctime"])
-            await self.commit([op], [ino])
-            if "size" in op:
-                self._reclaim_beyond_end(node)
-            return node
-
-    async def _truncate_buffers(self, node: Inode, size: int) -> None:
+    async def truncate_buffers(self, node: Inode, size: int) -> None:
         """Drop buffered and cached blocks past the new end; zero the tail of the last one."""
         bs = self.block_size
         keep = -(-size // bs)
@@ -686,7 +543,7 @@ class Volume:
             self.reader.cache.pop((node.ino, size // bs), None)
         self.pending_size[node.ino] = size
 
-    def _reclaim_beyond_end(self, node: Inode) -> None:
+    def reclaim_beyond_end(self, node: Inode) -> None:
         blocks = len(node.blocks)
         for r in self.online:
             r.worker.submit(partial(r.truncate_data, node.ino, blocks, self.slot_size),
@@ -716,7 +573,7 @@ class Volume:
         if node is not None and node.nlink > 0 and ino in self.dirty:
             await self.sync(ino)
 
-    def _free_ops(self, node: Inode, names_lost: int) -> list[dict]:
+    def free_ops(self, node: Inode, names_lost: int) -> list[dict]:
         """A `free` op for the same record if the change leaves the inode with no name and
         the kernel holds no reference to it (offline use; through FUSE it comes on forget)."""
         remaining = 0 if node.is_dir else node.nlink - names_lost
@@ -731,7 +588,7 @@ class Volume:
         self.unused.clear()
         return nodes
 
-    def _forget(self, node: Inode) -> None:
+    def forget(self, node: Inode) -> None:
         """Drop what memory and the replicas still hold of an inode whose free committed."""
         for table in (self.dirty, self.inflight, self.pending_size, self.pending_mtime):
             table.pop(node.ino, None)
@@ -746,13 +603,6 @@ class Volume:
         await self.sync()
 
     # ---- volume-wide ----
-
-    def path_of(self, ino: int) -> str:
-        """A name of an inode, for reports ("(unlinked)" if it has none)."""
-        for path, node in self.tree.walk():
-            if node.ino == ino:
-                return "/" + path.decode(errors="replace")
-        return f"(unlinked inode {ino})"
 
     async def record_errors(self) -> None:
         """Persist error counters that changed, so status shows them across mounts."""

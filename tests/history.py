@@ -36,6 +36,7 @@ import trio
 
 from lnmirrorfs import codec, format, scrub
 from lnmirrorfs.membership import default_quorum
+from lnmirrorfs.namespace import Namespace
 from lnmirrorfs.replica import DELETED_SUFFIX, ONLINE, Replica
 from lnmirrorfs.tree import Tree
 from lnmirrorfs.volume import Options, Volume, VolumeError
@@ -398,16 +399,17 @@ class History:
 
     async def _apply(self, op: str, args: tuple) -> None:
         volume = self.volume
+        names = Namespace(volume)
         if op == "create":
-            await volume.mknod(1, args[0], stat.S_IFREG | 0o644, 0, 0)
+            await names.mknod(1, args[0], stat.S_IFREG | 0o644, 0, 0)
         elif op == "write":
-            node = volume.lookup(1, args[0])
+            node = names.lookup(1, args[0])
             await volume.write(node.ino, args[1], args[2])
             await volume.sync(node.ino)
         elif op == "unlink":
-            await volume.unlink(1, args[0], want_dir=False)
+            await names.unlink(1, args[0], want_dir=False)
         else:
-            await volume.rename(1, args[0], 1, args[1])
+            await names.rename(1, args[0], 1, args[1])
 
     def fates(self) -> dict[int, str]:
         """Per replica, what a crash inside this commit leaves (most commits: nothing)."""

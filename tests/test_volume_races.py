@@ -12,6 +12,7 @@ import trio.testing
 from conftest import make_volume
 from lnmirrorfs import codec
 from lnmirrorfs.cli.common import read_key_file
+from lnmirrorfs.namespace import Namespace
 from lnmirrorfs.replica import Replica
 from lnmirrorfs.volume import Volume
 
@@ -28,7 +29,7 @@ async def test_partial_write_racing_a_commit_of_the_same_block_loses_nothing(tmp
     partial write must apply on top of the committed block, not on the one it read."""
     volume, _, _ = open_volume(tmp_path)
     bs = volume.block_size
-    node = await volume.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(node.ino, 0, b"o" * bs)
     await volume.sync(node.ino)
     volume.reader.cache.clear()  # the partial write must go to the replicas for the old block
@@ -59,7 +60,7 @@ async def test_read_racing_a_commit_never_caches_the_old_block(tmp_path):
     the old content)."""
     volume, _, _ = open_volume(tmp_path)
     bs = volume.block_size
-    node = await volume.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(node.ino, 0, b"o" * bs)
     await volume.sync(node.ino)
     volume.reader.cache.clear()
@@ -90,7 +91,7 @@ async def test_cancelled_commit_is_applied_and_its_number_never_reused(tmp_path)
     """Shutdown cancels the writeback task while its commit is at the replicas: the record
     is there, so it must be in memory too, and the next record must follow it."""
     volume, replicas, master = open_volume(tmp_path)
-    node = await volume.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(node.ino, 0, b"first")
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
