@@ -30,7 +30,7 @@ async def _writeback(volume: Volume) -> None:
     while True:
         await trio.sleep(WRITEBACK_SECONDS)
         await volume.replica_set.probe()  # faults a vanished or hung replica while idle
-        if (volume.dirty or volume.unused) and not volume.suspended:
+        if (volume.buffered() or volume.unused) and not volume.suspended:
             try:
                 await volume.sync()
             except OSError as exc:

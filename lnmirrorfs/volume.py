@@ -110,6 +110,7 @@ class Volume:
         self.inflight: dict[int, dict[int, bytes]] = {}
         self.pending_size: dict[int, int] = {}
         self.pending_mtime: dict[int, int] = {}
+        self.pending_atime: dict[int, int] = {}
         self.refs: dict[int, int] = {}           # kernel lookup counts (FUSE forget protocol)
         self.unused: set[int] = set()            # orphans the kernel forgot: free next record
         self.log_bytes = 0
@@ -244,16 +245,19 @@ class Volume:
         """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
         inos = list(inos)
         self._check_writable()
-        if not (ops or any(self.dirty.get(i) for i in inos) or self.unused
+        if not (ops or any(self.dirty.get(i) or self._retimed(i) for i in inos) or self.unused
                 or self.members.pending()):
             return
         await self.start_term()
         seq = self.tree.seq + 1
         freed = self._take_unused()
-        for node in freed:
-            self.dirty.pop(node.ino, None)
+        for node in freed:  # what was buffered for them goes with them
+            for table in (self.dirty, self.pending_mtime, self.pending_atime):
+                table.pop(node.ino, None)
+        retimed = [i for i in inos if self._retimed(i)]
         slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
-        write_ops = [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
+        write_ops = [self._retime_op(ino) for ino in retimed]
+        write_ops += [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
         ops = (self.members.ops(self.choice.serve if self.choice else None)
                + [{"op": "free", "ino": n.ino} for n in freed] + write_ops + ops)
         await self._write_record(seq, ops, slots, inos, freed)
@@ -390,6 +394,18 @@ class Volume:
         self.term_started = True
         self.members.acknowledged()
 
+    def _retimed(self, ino: int) -> bool:
+        """Times changed and buffered (Volume.retime) that no write op will carry."""
+        return ino in self.pending_atime or (ino in self.pending_mtime and not self.dirty.get(ino))
+
+    def _retime_op(self, ino: int) -> dict:
+        op = {"op": "setattr", "ino": ino, "ctime": time.time_ns()}
+        if ino in self.pending_atime:
+            op["atime"] = self.pending_atime[ino]
+        if ino in self.pending_mtime and not self.dirty.get(ino):
+            op["mtime"] = self.pending_mtime[ino]
+        return op
+
     def _encode_dirty(self, ino: int, seq: int, slots: list[list]) -> dict:
         """Seal and FEC-encode an inode's dirty blocks for generation seq into per-replica slots."""
         node = self.tree.inodes[ino]
@@ -420,6 +436,7 @@ class Volume:
                 self.dirty.pop(ino, None)
                 self.pending_size.pop(ino, None)
                 self.pending_mtime.pop(ino, None)
+                self.pending_atime.pop(ino, None)
 
     def _requeue_inflight(self, inos: list[int]) -> None:
         for ino in inos:
@@ -470,6 +487,9 @@ class Volume:
 
     def size_of(self, node: Inode) -> int:
         return self.pending_size.get(node.ino, node.size)
+
+    def atime_of(self, node: Inode) -> int:
+        return self.pending_atime.get(node.ino, node.atime_ns)
 
     def mtime_of(self, node: Inode) -> int:
         """Written but not yet committed data has already changed the file's mtime."""
@@ -526,8 +546,21 @@ class Volume:
         async with self.lock:
             if self.suspended:
                 raise fail(errno.EIO, self.suspended)
-            inos = [ino] if ino is not None else list(self.dirty)
+            inos = [ino] if ino is not None else sorted(self.buffered())
             await self.commit([], [i for i in inos if i in self.tree.inodes])
+
+    def buffered(self) -> set[int]:
+        """Inodes with changes in memory only: data written, or times (retime)."""
+        return set(self.dirty) | set(self.pending_mtime) | set(self.pending_atime)
+
+    def retime(self, ino: int, atime: int | None = None, mtime: int | None = None) -> None:
+        """A change of times alone (touch, or the kernel's own mtime before an fsync with
+        the writeback cache): buffered like a write and made durable with the inode's
+        next record (its fsync, close, or the periodic writeback), so it costs no barrier."""
+        if atime is not None:
+            self.pending_atime[ino] = atime
+        if mtime is not None:
+            self.pending_mtime[ino] = mtime
 
     async def truncate_buffers(self, node: Inode, size: int) -> None:
         """Drop buffered and cached blocks past the new end; zero the tail of the last one."""
@@ -570,7 +603,7 @@ class Volume:
     async def released(self, ino: int) -> None:
         """A file handle closed: whatever was written through it (or an mmap) is committed."""
         node = self.tree.inodes.get(ino)
-        if node is not None and node.nlink > 0 and ino in self.dirty:
+        if node is not None and node.nlink > 0 and ino in self.buffered():
             await self.sync(ino)
 
     def free_ops(self, node: Inode, names_lost: int) -> list[dict]:
@@ -590,7 +623,8 @@ class Volume:
 
     def forget(self, node: Inode) -> None:
         """Drop what memory and the replicas still hold of an inode whose free committed."""
-        for table in (self.dirty, self.inflight, self.pending_size, self.pending_mtime):
+        for table in (self.dirty, self.inflight, self.pending_size, self.pending_mtime,
+                      self.pending_atime):
             table.pop(node.ino, None)
         self.reader.drop_cached(node.ino)
         if node.is_reg:
