@@ -9,6 +9,7 @@ LNMIRROR_CRASH_SEED=<seed> pytest tests/test_crash.py.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import subprocess
@@ -72,3 +73,35 @@ def test_kill_9_loses_no_acknowledged_commit(make_vol, shape):
     m = v.mount()
     assert workload.check_db(str(m.path)) >= acked
     assert m.unmount() == 0
+
+
+def test_times_set_alone_cost_no_record_and_are_durable_after_fsync(make_vol):
+    """With the writeback cache the kernel sends its mtime before every fsync: a change of
+    times alone is buffered (no record of its own: the fsync's record, or the periodic
+    writeback's, carries it), and once an fsync returned it survives kill -9."""
+    v = make_vol(n=2, k=1)
+    m = v.mount()
+    path = m.path / "f"
+    path.write_bytes(b"data")
+
+    def records() -> int:
+        return json.loads(m.status("--json").stdout)["stats"]["commits"]
+
+    before = records()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i in range(20):
+            os.utime(path, ns=(i, i))  # times changed twice, then fsync: one record at most
+            times = (1_500_000_000_123_456_789 + i, 1_600_000_000_987_654_321 + i)
+            os.utime(path, ns=times)
+            assert os.stat(path).st_mtime_ns == times[1]
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert records() - before <= 20, "a change of times alone must not cost a record of its own"
+    m.kill()
+    for replica in v.replicas:  # each replica alone (W=2) holds the fsynced times
+        target = v.root / f"restore-{replica.name}"
+        v.restore(target, replicas=[replica])
+        st = os.stat(target / "f")
+        assert (st.st_atime_ns, st.st_mtime_ns) == times
