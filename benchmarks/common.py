@@ -17,6 +17,7 @@ MIB = 1 << 20
 PAGE = 4096
 ANOMALIES: list[str] = []
 CACHE_NOTE: list[str] = []
+LOADS: list[float] = []  # the 1-minute load average at every step: other work skews the figures
 
 
 def anomaly(target: str, message: str) -> None:
@@ -27,7 +28,9 @@ def anomaly(target: str, message: str) -> None:
 
 
 def step(target: str, what: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {target}: {what}", flush=True)
+    with open("/proc/loadavg") as f:
+        LOADS.append(float(f.read().split()[0]))
+    print(f"[{time.strftime('%H:%M:%S')}] {target}: {what} (load {LOADS[-1]:.2f})", flush=True)
 
 
 def run_cmd(args: list[str], env: dict, timeout: float = 3600) -> subprocess.CompletedProcess:

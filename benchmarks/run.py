@@ -96,6 +96,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import ANOMALIES, CACHE_NOTE, REPO, anomaly, step
+from common import ANOMALIES, CACHE_NOTE, LOADS, REPO, anomaly, step
 from measure import Pattern, measure_scale, run_target
 from report import (
     add_ratios,
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(report)
     report["duration_s"] = time.perf_counter() - started
     report["loadavg_at_end"] = loadavg()
+    loads = LOADS or [0.0]
+    report["loadavg_1min_at_steps"] = {"min": min(loads), "median": statistics.median(loads),
+                                       "max": max(loads)}
     report["lnmirrorfs_source_changed_during_run"] = source_digest() != machine["lnmirrorfs_source_digest"]
     report["cold_cache_note"] = CACHE_NOTE[0] if CACHE_NOTE else "caches dropped before every cold step"
     report["anomalies"] = ANOMALIES
@@ -279,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {CACHE_NOTE[0]}")
     if report["lnmirrorfs_source_changed_during_run"]:
         print("note: lnmirrorfs/*.py changed during the run: later mounts ran other code than earlier ones")
-    print(f"\ntotal time {report['duration_s']:.1f}s; load average at end {report['loadavg_at_end']}")
+    at_steps = report["loadavg_1min_at_steps"]
+    print(f"\ntotal time {report['duration_s']:.1f}s; load average at end {report['loadavg_at_end']}; "
+          f"1-minute load at the {len(LOADS)} steps: min {at_steps['min']:.2f}, "
+          f"median {at_steps['median']:.2f}, max {at_steps['max']:.2f} (2 cores)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
