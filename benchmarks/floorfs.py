@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -49,21 +50,23 @@ DIRTY_BYTES = 16 << 20  # lnmirrorfs Options.dirty_bytes: buffered writes before
 WRITEBACK_SECONDS = 5.0  # lnmirrorfs/daemon.py
 LOG_CHUNK = 4 << 20  # lnmirrorfs/replica.py
 RECORD = struct.Struct("<QQ48s")  # record number, time, what: 64 bytes
+H = TypeVar("H", bound=Callable[..., Any])
+Attr, Ctx = pyfuse3.EntryAttributes, pyfuse3.RequestContext
 
 
 def fail(err: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(err)
 
 
-def guard(handler: Callable) -> Callable:
+def guard(handler: H) -> H:
     """An OSError of the backing files becomes its errno."""
     @functools.wraps(handler)
-    async def wrapper(*args):  # noqa: ANN202 - same signature as the handler
+    async def wrapper(*args: Any) -> Any:
         try:
             return await handler(*args)
         except OSError as exc:
             raise fail(exc.errno or errno.EIO) from None
-    return wrapper
+    return wrapper  # type: ignore[return-value]
 
 
 class Replica:
@@ -181,7 +184,7 @@ class FloorFS(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         return self.inodes[directory.entries[name]]
 
-    def attr(self, n: Node) -> pyfuse3.EntryAttributes:
+    def attr(self, n: Node) -> Attr:
         a = pyfuse3.EntryAttributes()
         a.st_ino, a.generation, a.st_mode, a.st_nlink = n.ino, 0, n.mode, n.nlink
         a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
@@ -191,7 +194,7 @@ class FloorFS(pyfuse3.Operations):
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = n.time_ns
         return a
 
-    async def make(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
+    async def make(self, parent: int, name: bytes, mode: int, ctx: Ctx,
                    rdev: int = 0, target: bytes = b"") -> Node:
         directory = self.node(parent)
         if name in directory.entries:
@@ -214,22 +217,26 @@ class FloorFS(pyfuse3.Operations):
 
     def forget_if_unused(self, n: Node) -> None:
         if n.nlink == 0 and n.opens == 0:
-            del self.inodes[n.ino]
-            self.dirty.pop(n.ino, None)
-            if n.fd >= 0:
-                os.close(n.fd)
-                os.unlink(os.path.join(self.data, str(n.ino)))
+            self.discard(n)
+
+    def discard(self, n: Node) -> None:
+        del self.inodes[n.ino]
+        self.dirty.pop(n.ino, None)
+        if n.fd >= 0:
+            os.close(n.fd)
+            os.unlink(os.path.join(self.data, str(n.ino)))
 
     @guard
-    async def lookup(self, parent_inode, name, ctx):
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Ctx) -> Attr:
         return self.attr(self.node(parent_inode) if name == b"." else self.child(parent_inode, name))
 
     @guard
-    async def getattr(self, inode, ctx):
+    async def getattr(self, inode: int, ctx: Ctx) -> Attr:
         return self.attr(self.node(inode))
 
     @guard
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: Attr, fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: Ctx) -> Attr:
         n = self.node(inode)
         given = {key: value for key, value, update in (
             ("mode", stat.S_IFMT(n.mode) | stat.S_IMODE(attr.st_mode), fields.update_mode),
@@ -251,31 +258,32 @@ class FloorFS(pyfuse3.Operations):
         return self.attr(n)
 
     @guard
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: int, ctx: Ctx) -> bytes:
         n = self.node(inode)
         if not stat.S_ISLNK(n.mode):
             raise fail(errno.EINVAL)
         return n.target
 
     @guard
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Attr:
         return self.attr(await self.make(parent_inode, name, mode, ctx, rdev=rdev))
 
     @guard
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
         return self.attr(await self.make(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
 
     @guard
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Ctx) -> Attr:
         return self.attr(await self.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
 
     @guard
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Ctx) -> tuple[pyfuse3.FileInfo, Attr]:
         n = await self.make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         return self.open_handle(n), self.attr(n)
 
     @guard
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Ctx) -> Attr:
         n, directory = self.node(inode), self.node(new_parent_inode)
         if stat.S_ISDIR(n.mode):
             raise fail(errno.EPERM)
@@ -299,15 +307,16 @@ class FloorFS(pyfuse3.Operations):
         await self.commit("unlink")
 
     @guard
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Ctx) -> None:
         await self.remove(parent_inode, name, want_dir=False)
 
     @guard
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Ctx) -> None:
         await self.remove(parent_inode, name, want_dir=True)
 
     @guard
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: Ctx) -> None:
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise fail(errno.EINVAL)
         n, new_dir = self.child(parent_inode_old, name_old), self.node(parent_inode_new)
@@ -335,7 +344,7 @@ class FloorFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @guard
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: Ctx) -> pyfuse3.FileInfo:
         n = self.node(inode)
         if stat.S_ISDIR(n.mode):
             raise fail(errno.EISDIR)
@@ -346,11 +355,11 @@ class FloorFS(pyfuse3.Operations):
         return self.open_handle(n)
 
     @guard
-    async def read(self, fh, off, size):
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self.inodes[self.handles[fh][0]].fd, size, off)
 
     @guard
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         ino, wrote = self.handles[fh]
         n = self.inodes[ino]
         wrote[0] = True
@@ -363,19 +372,19 @@ class FloorFS(pyfuse3.Operations):
         return written
 
     @guard
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
         ino, wrote = self.handles[fh]
         if wrote[0] and ino in self.dirty:
             await self.commit("flush", (ino,))
 
     @guard
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: int, datasync: bool) -> None:
         ino = self.handles[fh][0]
         if ino in self.dirty:
             await self.commit("fsync", (ino,))
 
     @guard
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         n = self.inodes[self.handles.pop(fh)[0]]
         n.opens -= 1
         if n.nlink > 0 and n.ino in self.dirty:
@@ -385,7 +394,7 @@ class FloorFS(pyfuse3.Operations):
     # ---- directories and the volume ----
 
     @guard
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: Ctx) -> int:
         n = self.node(inode)
         if not stat.S_ISDIR(n.mode):
             raise fail(errno.ENOTDIR)
@@ -394,7 +403,7 @@ class FloorFS(pyfuse3.Operations):
         return fh
 
     @guard
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self.dir_handles[fh]
         for position in range(start_id, len(entries)):
             name, ino = entries[position]
@@ -403,15 +412,15 @@ class FloorFS(pyfuse3.Operations):
                 break
 
     @guard
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
 
     @guard
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass  # namespace changes were durable when acknowledged: nothing is pending
 
     @guard
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: Ctx) -> pyfuse3.StatvfsData:
         v = os.statvfs(self.data)
         s = pyfuse3.StatvfsData()
         s.f_bsize, s.f_frsize, s.f_blocks = v.f_bsize, v.f_frsize, v.f_blocks
@@ -457,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         pyfuse3.close(unmount=True)
         for r in fs.replicas:
             r.close()
+        for n in list(fs.inodes.values()):
+            fs.discard(n)  # nothing survives the unmount
     print(f"floorfs: unmounted after {fs.seq} barriers", file=sys.stderr)
     return 0
 
