@@ -269,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     report["lnmirrorfs_source_changed_during_run"] = source_digest() != machine["lnmirrorfs_source_digest"]
     report["cold_cache_note"] = CACHE_NOTE[0] if CACHE_NOTE else "caches dropped before every cold step"
     report["anomalies"] = ANOMALIES
-    print()
-    print(format_table(report))
-    for section in (format_scrub_live(report), format_scale(report)):
+    main_table = format_table(report) if report["targets"] else ""  # --targets '': the scale profile only
+    for section in (main_table, format_scrub_live(report), format_scale(report)):
         if section:
             print()
             print(section)
