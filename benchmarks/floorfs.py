@@ -13,15 +13,15 @@ zero-filled 4 MiB chunks written without a sync, as lnmirrorfs' replica logs do.
 
 Committing operations, as in lnmirrorfs/fuse_ops.py and volume.py: create, mknod, mkdir,
 symlink, link, unlink, rmdir, rename; setattr unless it changes nothing (a chown to the
-current owner, a ctime-only update), O_TRUNC on open; fsync, and flush/release of a file
-with buffered writes (flush only through a handle that wrote); a write that takes the
-buffered bytes past 16 MiB; the writeback of buffered writes every 5 s.  Writes otherwise
-cost no barrier, nor does fsyncdir (namespace changes are durable when acknowledged, so
-nothing is pending) or an fsync with nothing buffered.
+current owner, a ctime-only update) or only times (buffered like a write), O_TRUNC on
+open; fsync, and flush/release of a file with buffered writes or times (keyed by inode);
+a write that takes the buffered bytes past 16 MiB; the writeback of buffered writes every
+5 s.  Writes otherwise cost no barrier, nor does fsyncdir (namespace changes are durable
+when acknowledged, so nothing is pending) or an fsync with nothing buffered.
 
-Same FUSE settings as lnmirrorfs: no writeback cache, no dot lookups, 5 s entry and
-attribute timeouts, keep_cache on open, ENOENT lookups (so not cached), pyfuse3's default
-options plus fsname/subtype.  Nothing survives the unmount: the logs only pay the barriers.
+Same FUSE settings as lnmirrorfs: the writeback cache, no dot lookups, 5 s entry and
+attribute timeouts, keep_cache on open, negative lookups cached (inode 0 entries),
+pyfuse3's default options plus fsname/subtype.  Nothing survives the unmount: the logs only pay the barriers.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class Node:
 
 class FloorFS(pyfuse3.Operations):
     supports_dot_lookup = False
-    enable_writeback_cache = False
+    enable_writeback_cache = True
 
     def __init__(self, data: str, replicas: list[str], quorum: int) -> None:
         super().__init__()
@@ -131,7 +131,7 @@ class FloorFS(pyfuse3.Operations):
         root = Node(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, nlink=2, time_ns=(now, now, now))
         self.inodes: dict[int, Node] = {root.ino: root}
         self.next_ino = itertools.count(root.ino + 1)
-        self.handles: dict[int, tuple[int, list[bool]]] = {}  # fh: (ino, [wrote])
+        self.handles: dict[int, int] = {}  # fh: ino
         self.dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self.next_fh = itertools.count(1)
         self.dirty: dict[int, int] = {}  # ino: bytes written since its last commit
@@ -228,6 +228,10 @@ class FloorFS(pyfuse3.Operations):
 
     @guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: Ctx) -> Attr:
+        if name != b"." and name not in self.node(parent_inode).entries:
+            negative = pyfuse3.EntryAttributes()  # inode 0: a negative entry the kernel caches
+            negative.st_ino, negative.entry_timeout = 0, CACHE_TIMEOUT
+            return negative
         return self.attr(self.node(parent_inode) if name == b"." else self.child(parent_inode, name))
 
     @guard
@@ -245,6 +249,10 @@ class FloorFS(pyfuse3.Operations):
             ("mtime", attr.st_mtime_ns, fields.update_mtime)) if update}
         if not given or (set(given) <= {"uid", "gid"} and all(getattr(n, k) == v for k, v in given.items())):
             return self.attr(n)  # nothing changes (a ctime update, SQLite's fchown): no commit
+        if set(given) <= {"atime", "mtime"}:  # times alone: buffered, the next commit carries them
+            n.time_ns = (given.get("atime", n.time_ns[0]), given.get("mtime", n.time_ns[1]), n.time_ns[2])
+            self.dirty.setdefault(inode, 0)
+            return self.attr(n)
         if "size" in given:
             if not stat.S_ISREG(n.mode):
                 raise fail(errno.EISDIR if stat.S_ISDIR(n.mode) else errno.EINVAL)
@@ -339,7 +347,7 @@ class FloorFS(pyfuse3.Operations):
 
     def open_handle(self, n: Node) -> pyfuse3.FileInfo:
         fh = next(self.next_fh)
-        self.handles[fh] = (n.ino, [False])
+        self.handles[fh] = n.ino
         n.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -356,13 +364,12 @@ class FloorFS(pyfuse3.Operations):
 
     @guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.inodes[self.handles[fh][0]].fd, size, off)
+        return os.pread(self.inodes[self.handles[fh]].fd, size, off)
 
     @guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        ino, wrote = self.handles[fh]
+        ino = self.handles[fh]
         n = self.inodes[ino]
-        wrote[0] = True
         written = os.pwrite(n.fd, buf, off)
         n.size = max(n.size, off + written)
         n.time_ns = (n.time_ns[0], time.time_ns(), n.time_ns[2])
@@ -373,19 +380,19 @@ class FloorFS(pyfuse3.Operations):
 
     @guard
     async def flush(self, fh: int) -> None:
-        ino, wrote = self.handles[fh]
-        if wrote[0] and ino in self.dirty:
+        ino = self.handles[fh]
+        if ino in self.dirty:  # keyed by inode: the kernel writes pages through any handle
             await self.commit("flush", (ino,))
 
     @guard
     async def fsync(self, fh: int, datasync: bool) -> None:
-        ino = self.handles[fh][0]
+        ino = self.handles[fh]
         if ino in self.dirty:
             await self.commit("fsync", (ino,))
 
     @guard
     async def release(self, fh: int) -> None:
-        n = self.inodes[self.handles.pop(fh)[0]]
+        n = self.inodes[self.handles.pop(fh)]
         n.opens -= 1
         if n.nlink > 0 and n.ino in self.dirty:
             await self.commit("release", (n.ino,))

@@ -21,7 +21,7 @@ log = logging.getLogger("lnmirrorfs.daemon")
 WRITEBACK_SECONDS = 5.0
 RECONNECT_SECONDS = 2.0
 # A live scrub holds the volume lock for this many blocks at a time (128 KiB at 4 KiB):
-# lightningd's commit waits for one such chunk at most (see benchmarks/scrub_impact.py).
+# lightningd's commit waits for one such chunk at most (see benchmarks/run.py (live scrub)).
 LIVE_CHUNK_BLOCKS = 32
 
 
