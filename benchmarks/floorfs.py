@@ -14,7 +14,7 @@ zero-filled 4 MiB chunks written without a sync, as lnmirrorfs' replica logs do.
 Committing operations, as in lnmirrorfs/fuse_ops.py and volume.py: create, mknod, mkdir,
 symlink, link, unlink, rmdir, rename; setattr unless it changes nothing (a chown to the
 current owner, a ctime-only update) or only times (buffered like a write), O_TRUNC on
-open; fsync, and flush/release of a file with buffered writes or times (keyed by inode);
+open; fsync, and flush/release of a writable handle whose inode has buffered writes or times;
 a write that takes the buffered bytes past 16 MiB; the writeback of buffered writes every
 5 s.  Writes otherwise cost no barrier, nor does fsyncdir (namespace changes are durable
 when acknowledged, so nothing is pending) or an fsync with nothing buffered.
@@ -131,7 +131,7 @@ class FloorFS(pyfuse3.Operations):
         root = Node(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, nlink=2, time_ns=(now, now, now))
         self.inodes: dict[int, Node] = {root.ino: root}
         self.next_ino = itertools.count(root.ino + 1)
-        self.handles: dict[int, int] = {}  # fh: ino
+        self.handles: dict[int, tuple[int, bool]] = {}  # fh: (ino, writable)
         self.dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self.next_fh = itertools.count(1)
         self.dirty: dict[int, int] = {}  # ino: bytes written since its last commit
@@ -288,7 +288,7 @@ class FloorFS(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Ctx) -> tuple[pyfuse3.FileInfo, Attr]:
         n = await self.make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
-        return self.open_handle(n), self.attr(n)
+        return self.open_handle(n, flags), self.attr(n)
 
     @guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Ctx) -> Attr:
@@ -345,9 +345,9 @@ class FloorFS(pyfuse3.Operations):
 
     # ---- file data ----
 
-    def open_handle(self, n: Node) -> pyfuse3.FileInfo:
+    def open_handle(self, n: Node, flags: int) -> pyfuse3.FileInfo:
         fh = next(self.next_fh)
-        self.handles[fh] = n.ino
+        self.handles[fh] = (n.ino, flags & os.O_ACCMODE != os.O_RDONLY)
         n.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -360,15 +360,15 @@ class FloorFS(pyfuse3.Operations):
             os.ftruncate(n.fd, 0)
             n.size = 0
             await self.commit("truncate", (inode,))
-        return self.open_handle(n)
+        return self.open_handle(n, flags)
 
     @guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.inodes[self.handles[fh]].fd, size, off)
+        return os.pread(self.inodes[self.handles[fh][0]].fd, size, off)
 
     @guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        ino = self.handles[fh]
+        ino = self.handles[fh][0]
         n = self.inodes[ino]
         written = os.pwrite(n.fd, buf, off)
         n.size = max(n.size, off + written)
@@ -380,21 +380,22 @@ class FloorFS(pyfuse3.Operations):
 
     @guard
     async def flush(self, fh: int) -> None:
-        ino = self.handles[fh]
-        if ino in self.dirty:  # keyed by inode: the kernel writes pages through any handle
+        ino, writable = self.handles[fh]
+        if writable and ino in self.dirty:  # keyed by inode: pages go through any writable handle
             await self.commit("flush", (ino,))
 
     @guard
     async def fsync(self, fh: int, datasync: bool) -> None:
-        ino = self.handles[fh]
+        ino = self.handles[fh][0]
         if ino in self.dirty:
             await self.commit("fsync", (ino,))
 
     @guard
     async def release(self, fh: int) -> None:
-        n = self.inodes[self.handles.pop(fh)]
+        ino, writable = self.handles.pop(fh)
+        n = self.inodes[ino]
         n.opens -= 1
-        if n.nlink > 0 and n.ino in self.dirty:
+        if writable and n.nlink > 0 and n.ino in self.dirty:
             await self.commit("release", (n.ino,))
         self.forget_if_unused(n)
 

@@ -43,6 +43,7 @@ def _guard(handler):
 @dataclass
 class FileHandle:
     ino: int
+    writable: bool
 
 
 class Operations(pyfuse3.Operations):
@@ -170,7 +171,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         mode = stat.S_IFREG | stat.S_IMODE(mode)
         node = await self.names.mknod(parent_inode, name, mode, ctx.uid, ctx.gid)
-        return self._open_handle(node.ino), self._entry(node)
+        return self._open_handle(node.ino, flags), self._entry(node)
 
     @_guard
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -203,11 +204,11 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC and node.is_reg:
             # libfuse enables atomic O_TRUNC: the kernel sends no setattr, we truncate here.
             await self.names.setattr(inode, size=0)
-        return self._open_handle(inode)
+        return self._open_handle(inode, flags)
 
-    def _open_handle(self, ino: int) -> pyfuse3.FileInfo:
+    def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         handle = next(self._next_handle)
-        self._file_handles[handle] = FileHandle(ino)
+        self._file_handles[handle] = FileHandle(ino, flags & os.O_ACCMODE != os.O_RDONLY)
         # keep_cache: we are the only writer, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
@@ -221,12 +222,13 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def flush(self, fh):
-        # close() after writing makes the data durable: a crash after it loses nothing.
-        # Keyed by inode: with the writeback cache the kernel writes an inode's cached
-        # pages through any of its handles, just before it sends this FLUSH.
-        ino = self._file_handles[fh].ino
-        if ino in self.volume.buffered():
-            await self.volume.sync(ino)
+        # close() of a writable handle makes the inode's data durable: a crash after it
+        # loses nothing.  Keyed by inode: with the writeback cache the kernel writes an
+        # inode's cached pages through any writable handle, just before this FLUSH.  A
+        # read-only close promises nothing and must not fail for another handle's writes.
+        handle = self._file_handles[fh]
+        if handle.writable and handle.ino in self.volume.buffered():
+            await self.volume.sync(handle.ino)
 
     @_guard
     async def fsync(self, fh, datasync):
@@ -235,7 +237,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def release(self, fh):
-        await self.volume.released(self._file_handles.pop(fh).ino)
+        handle = self._file_handles.pop(fh)
+        if handle.writable:
+            await self.volume.released(handle.ino)
 
     # ---- directories ----
 
