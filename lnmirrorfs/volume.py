@@ -255,9 +255,10 @@ class Volume:
             for table in (self.dirty, self.pending_mtime, self.pending_atime):
                 table.pop(node.ino, None)
         retimed = [i for i in inos if self._retimed(i)]
-        slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
+        plan: list[tuple[int, int, int, bytes]] = []
         write_ops = [self._retime_op(ino) for ino in retimed]
-        write_ops += [self._encode_dirty(ino, seq, slots) for ino in inos if self.dirty.get(ino)]
+        write_ops += [self._take_dirty(ino, plan) for ino in inos if self.dirty.get(ino)]
+        slots = await self._encode(seq, plan)
         ops = (self.members.ops(self.choice.serve if self.choice else None)
                + [{"op": "free", "ino": n.ino} for n in freed] + write_ops + ops)
         await self._write_record(seq, ops, slots, inos, freed)
@@ -406,8 +407,9 @@ class Volume:
             op["mtime"] = self.pending_mtime[ino]
         return op
 
-    def _encode_dirty(self, ino: int, seq: int, slots: list[list]) -> dict:
-        """Seal and FEC-encode an inode's dirty blocks for generation seq into per-replica slots."""
+    def _take_dirty(self, ino: int, plan: list[tuple[int, int, int, bytes]]) -> dict:
+        """Move an inode's dirty blocks in flight and give each the slot it does not use
+        now; `plan` gets (ino, block, slot offset, data) for _encode.  Returns the write op."""
         node = self.tree.inodes[ino]
         blocks = self.dirty.pop(ino)
         inflight = self.inflight.setdefault(ino, {})
@@ -417,14 +419,29 @@ class Volume:
             inflight[index] = data
             old = node.blocks[index] if index < len(node.blocks) else HOLE
             slot = 1 - entry_slot(old) if old != HOLE else 0
-            offset = format.slot_offset(index, slot, self.slot_size)
-            for i, (checksum, share) in enumerate(codec.encode_block(
-                    self.keys, self.volume_id, self.k, self.n, ino, index, seq, self.term, data)):
-                slots[i].append((ino, offset, format.pack_slot(seq, checksum, share)))
+            plan.append((ino, index, format.slot_offset(index, slot, self.slot_size), data))
             packed.append(index << 1 | slot)
         return {"op": "write", "ino": ino, "blocks": packed,
                 "size": self.pending_size.get(ino, node.size),
                 "mtime": self.pending_mtime.get(ino, time.time_ns())}
+
+    async def _encode(self, seq: int, plan: list[tuple[int, int, int, bytes]]) -> list[list]:
+        """Seal and FEC-encode the planned blocks for generation `seq` into per-replica
+        slots.  A big commit is encoded in a thread (libsodium, zfec and BLAKE2b release
+        the GIL), so the event loop goes on buffering the writes that follow; it is
+        shielded, being short and bounded, so a cancellation never strands blocks in flight."""
+        if len(plan) <= INLINE_BLOCKS:
+            return self._encode_plan(seq, plan)
+        with trio.CancelScope(shield=True):
+            return await trio.to_thread.run_sync(self._encode_plan, seq, plan)
+
+    def _encode_plan(self, seq: int, plan: list[tuple[int, int, int, bytes]]) -> list[list]:
+        slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
+        for ino, index, offset, data in plan:
+            for i, (checksum, share) in enumerate(codec.encode_block(
+                    self.keys, self.volume_id, self.k, self.n, ino, index, seq, self.term, data)):
+                slots[i].append((ino, offset, format.pack_slot(seq, checksum, share)))
+        return slots
 
     def _settle_inflight(self, inos: Iterable[int]) -> None:
         """After a commit of these inodes: their blocks are durable, their size and mtime
