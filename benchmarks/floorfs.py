@@ -15,7 +15,7 @@ Committing operations, as in lnmirrorfs/fuse_ops.py and volume.py: create, mknod
 symlink, link, unlink, rmdir, rename; setattr unless it changes nothing (a chown to the
 current owner, a ctime-only update) or only times (buffered like a write), O_TRUNC on
 open; fsync, and flush/release of a writable handle whose inode has buffered writes or times;
-a write that takes the buffered bytes past 16 MiB; the writeback of buffered writes every
+a write that takes the buffered bytes past 8 MiB; the writeback of buffered writes every
 5 s.  Writes otherwise cost no barrier, nor does fsyncdir (namespace changes are durable
 when acknowledged, so nothing is pending) or an fsync with nothing buffered.
 
@@ -46,7 +46,7 @@ import pyfuse3
 import trio
 
 CACHE_TIMEOUT = 5.0  # lnmirrorfs/fuse_ops.py
-DIRTY_BYTES = 16 << 20  # lnmirrorfs Options.dirty_bytes: buffered writes before a forced commit
+DIRTY_BYTES = 8 << 20  # lnmirrorfs Options.dirty_bytes: buffered writes before a forced commit
 WRITEBACK_SECONDS = 5.0  # lnmirrorfs/daemon.py
 LOG_CHUNK = 4 << 20  # lnmirrorfs/replica.py
 RECORD = struct.Struct("<QQ48s")  # record number, time, what: 64 bytes

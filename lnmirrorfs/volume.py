@@ -61,7 +61,10 @@ class Options:
     quorum: int | None = None          # W; default majority of n, never below k
     deadline: float = 10.0             # seconds a replica has to answer one request
     cache_bytes: int = 16 << 20        # decoded-block cache
-    dirty_bytes: int = 16 << 20        # buffered writes before a forced commit
+    # Buffered writes, with those of the commit in flight, before a write waits for a
+    # commit: bounds the daemon's memory (a commit holds its blocks about 3 times over:
+    # in flight, and one sealed slot per replica) while keeping commits large.
+    dirty_bytes: int = 8 << 20
     snapshot_log_bytes: int = 16 << 20  # log size that triggers a snapshot
     # How long a change waits for W replicas before it fails with EIO.  Five minutes
     # covers a NAS or router reboot; lightningd just sees a slow fsync meanwhile (its
@@ -554,7 +557,8 @@ class Volume:
             pos += take
         self.pending_size[ino] = max(self.size_of(node), offset + len(data))
         self.pending_mtime[ino] = time.time_ns()
-        if sum(map(len, self.dirty.values())) * bs > self.options.dirty_bytes:
+        held = sum(map(len, self.dirty.values())) + sum(map(len, self.inflight.values()))
+        if held * bs > self.options.dirty_bytes:
             await self.sync(ino)
         return len(data)
 
