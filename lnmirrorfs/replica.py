@@ -278,12 +278,11 @@ class Replica:
         self._data_fds.clear()
         self._log_fd = self._lock_fd = None
         self._log_epoch += 1
-        for fd in fds:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # a dead mount's descriptor: gone either way
+        # The old descriptors may belong to a mount that hangs (an sshfs whose connection
+        # is half dead, lazily unmounted): a close there blocks in its flush, and this job
+        # with it, so the replica would never rejoin.  Close them in a thread left behind.
+        threading.Thread(target=_close_all_quietly, args=([fd for fd in fds if fd is not None],),
+                         daemon=True).start()
         self.lock()
         if Replica.open(self.path).header != self.header:
             raise ReplicaError(f"{self.path}: now holds a different replica than before")
@@ -726,6 +725,11 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass  # a dead mount's descriptor: gone either way
+
+
+def _close_all_quietly(fds: list[int]) -> None:
+    for fd in fds:
+        _close_quietly(fd)
 
 
 def unlink_quietly(path: str) -> None:

@@ -19,6 +19,8 @@ from .replica import FAULTED, ONLINE, Loaded, Replica, ReplicaError
 
 log = logging.getLogger("lnmirrorfs.replicaset")
 Event = Callable[[str, str, str], None]
+HUNG_DEADLINES = 3  # a faulted replica's call hung this many deadlines: give it new threads
+MAX_ABANDONED = 4   # ...at most this many times per replica (a NAS hung for days leaks no more)
 
 
 class ReplicaSet:
@@ -29,6 +31,7 @@ class ReplicaSet:
         # Replica states last reported to `on_event`, so each change is told once.
         self._reported = {r.path: r.state for r in replicas}
         self._reconnecting = trio.Lock()
+        self._abandoned: dict[str, int] = {}  # per replica path: threads left behind hung
 
     @property
     def online(self) -> list[Replica]:
@@ -120,6 +123,7 @@ class ReplicaSet:
         A replica an operator took offline, or one that needs a full heal, is left alone."""
         async with self._reconnecting:
             await self._rediscover(keys)
+            self._abandon_hung_workers()
             faulted = [r for r in self.replicas if r.state == FAULTED and r.header and r.worker
                        and not r.worker.pending and not r.offline and not r.heal_needed]
             if not faulted:
@@ -130,6 +134,23 @@ class ReplicaSet:
                 if r not in answers:
                     log.debug("replica %s still away: %s", r.path, r.reason)
             return answers
+
+    def _abandon_hung_workers(self) -> None:
+        """A faulted replica whose call has hung for several deadlines (a dead NAS or sshfs
+        connection that never answers, even once its directory is mounted anew) gets fresh
+        threads; the old ones are left behind with their call.  Should that call return one
+        day, what it wrote went to the old mount's files, or to a slot a later record owns,
+        whose generation then no longer matches: a bad share that reads skip and scrub heals."""
+        now = time.monotonic()
+        for r in self.replicas:
+            since = r.worker.oldest_pending() if r.worker else None
+            if (r.state == FAULTED and since is not None
+                    and now - since > HUNG_DEADLINES * self.deadline
+                    and self._abandoned.get(r.path, 0) < MAX_ABANDONED):
+                log.warning("replica %s: a call has hung for %.0fs; new threads take over",
+                            r.path, now - since)
+                self._abandoned[r.path] = self._abandoned.get(r.path, 0) + 1
+                r.start_worker()
 
     async def _rediscover(self, keys: codec.Keys) -> None:
         """Replicas with no header since the open, because their directory was missing or
