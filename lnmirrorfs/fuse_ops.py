@@ -227,7 +227,7 @@ class Operations(pyfuse3.Operations):
         # inode's cached pages through any writable handle, just before this FLUSH.  A
         # read-only close promises nothing and must not fail for another handle's writes.
         handle = self._file_handles[fh]
-        if handle.writable and handle.ino in self.volume.buffered():
+        if handle.writable and self.volume.is_buffered(handle.ino):
             await self.volume.sync(handle.ino)
 
     @_guard

@@ -574,6 +574,10 @@ class Volume:
         """Inodes with changes in memory only: data written, or times (retime)."""
         return set(self.dirty) | set(self.pending_mtime) | set(self.pending_atime)
 
+    def is_buffered(self, ino: int) -> bool:
+        """ino in buffered(), without building the set (asked on every close)."""
+        return ino in self.dirty or ino in self.pending_mtime or ino in self.pending_atime
+
     def retime(self, ino: int, atime: int | None = None, mtime: int | None = None) -> None:
         """A change of times alone (touch, or the kernel's own mtime before an fsync with
         the writeback cache): buffered like a write and made durable with the inode's
@@ -624,7 +628,7 @@ class Volume:
     async def released(self, ino: int) -> None:
         """A file handle closed: whatever was written through it (or an mmap) is committed."""
         node = self.tree.inodes.get(ino)
-        if node is not None and node.nlink > 0 and ino in self.buffered():
+        if node is not None and node.nlink > 0 and self.is_buffered(ino):
             await self.sync(ino)
 
     def free_ops(self, node: Inode, names_lost: int) -> list[dict]:
