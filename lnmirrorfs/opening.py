@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from . import codec, format, statechoice
+from . import codec, statechoice
 from .replica import FAULTED, MISSING, ONLINE, Replica, ReplicaError, ReplicaInUse
 
 log = logging.getLogger("lnmirrorfs.opening")
@@ -90,21 +90,21 @@ def open_replicas(paths: list[str], master: bytes,
     return replicas, keys
 
 
-def open_returned(path: str, reference: format.Header, keys: codec.Keys,
-                  held: set[int]) -> Replica:
+def open_returned(path: str, reference: Replica, keys: codec.Keys, held: set[int]) -> Replica:
     """A replica directory that had no header at open (missing, or it did not answer),
-    open now: its replica, locked, if it is ours (same volume, authentic, same layout) and
-    holds a share no other replica does.  Raises ReplicaError otherwise (a thread's job:
-    it touches the replica's filesystem)."""
+    open now: its replica, locked, if its header passes the checks of an open against
+    `reference` and it holds a share none of `held`.  Raises ReplicaError otherwise (a
+    thread's job: it touches the replica's filesystem)."""
     r = _open_one(path)
-    h = r.header
-    if h is None:
+    if r.header is not None:
+        try:
+            _check_headers([r], reference, keys)
+        except VolumeError as exc:
+            raise ReplicaError(str(exc)) from None
+    if r.header is None:
         raise ReplicaError(f"{path}: {r.reason}")
-    if (h.volume_id, h.k, h.n, h.block_size) != (reference.volume_id, reference.k, reference.n,
-                                                 reference.block_size) or not h.authentic(keys):
-        raise ReplicaError(f"{path}: holds a replica of another volume (or another key)")
-    if h.share_index in held or h.share_index >= h.n:
-        raise ReplicaError(f"{path}: share {h.share_index} is held by another replica")
+    if r.index in held:
+        raise ReplicaError(f"{path}: share {r.index} is held by another replica")
     r.lock()
     return r
 

@@ -32,6 +32,7 @@ class ReplicaSet:
         self._reported = {r.path: r.state for r in replicas}
         self._reconnecting = trio.Lock()
         self._abandoned: dict[str, int] = {}  # per replica path: threads left behind hung
+        self._looking: set[str] = set()  # paths of absent replicas being opened in a thread
 
     @property
     def online(self) -> list[Replica]:
@@ -156,15 +157,16 @@ class ReplicaSet:
         """Replicas with no header since the open, because their directory was missing or
         did not answer (a NAS down at mount): one that is back, ours, and the share no
         other replica holds takes its place, FAULTED, for reconnect to catch it up."""
-        reference = next(r.header for r in self.replicas if r.header)
+        reference = next(r for r in self.replicas if r.header)
         for r in [r for r in self.replicas if r.header is None and not r.header_damage
-                  and not r.offline]:
+                  and not r.offline and r.path not in self._looking]:
             held = {other.index for other in self.replicas if other.header}
             found = None
+            self._looking.add(r.path)
             try:
                 with trio.move_on_after(self.deadline):
                     found = await trio.to_thread.run_sync(
-                        open_returned, r.path, reference, keys, held, abandon_on_cancel=True)
+                        self._look, r.path, reference, keys, held, abandon_on_cancel=True)
             except (ReplicaError, OSError) as exc:
                 log.debug("replica %s still away: %s", r.path, exc)
             if found is None:
@@ -173,6 +175,14 @@ class ReplicaSet:
             found.mark(FAULTED, f"back after being away at mount ({r.reason}): catching up")
             log.warning("replica %s is back (share %d); catching it up", r.path, found.index)
             self.replicas[self.replicas.index(r)] = found
+
+    def _look(self, path: str, reference: Replica, keys: codec.Keys, held: set[int]) -> Replica:
+        """open_returned, in a thread; until it returns (a NAS that still does not answer)
+        no other is started on its path, so the abandoned threads do not pile up."""
+        try:
+            return open_returned(path, reference, keys, held)
+        finally:
+            self._looking.discard(path)
 
 
 def _reload(r: Replica, keys: codec.Keys) -> Loaded:
