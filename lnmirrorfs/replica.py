@@ -663,6 +663,11 @@ class Replica:
             self.open_log(0)
         self.state, self.reason, self.heal_needed = ONLINE, "", ""
 
+    def if_holds(self, seq: int, job: Callable[[], None]) -> None:
+        """Run `job` only if this replica is online and wrote record `seq`."""
+        if self.state == ONLINE and self.last_seq is not None and self.last_seq >= seq:
+            job()
+
     def truncate_data(self, file_id: int, blocks: int, size: int) -> None:
         fd, _ = self._data_fd(file_id, create=False)
         if fd is not None:

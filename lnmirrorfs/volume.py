@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -603,9 +603,16 @@ class Volume:
 
     def reclaim_beyond_end(self, node: Inode) -> None:
         blocks = len(node.blocks)
+        self._reclaim(lambda r: r.truncate_data(node.ino, blocks, self.slot_size))
+
+    def _reclaim(self, job: Callable[[Replica], None]) -> None:
+        """Queue a job that frees space on each online replica, to run only where the
+        record just applied (which freed it) was written.  A replica whose part of that
+        record failed, still queued when W others answered, must keep the space: its own
+        latest state still points into it, and a later open may have only it to serve."""
+        seq = self.tree.seq
         for r in self.online:
-            r.worker.submit(partial(r.truncate_data, node.ino, blocks, self.slot_size),
-                            lambda result, error: None)
+            r.worker.submit(partial(r.if_holds, seq, partial(job, r)), lambda result, error: None)
 
     # ---- kernel references and freeing ----
 
@@ -653,8 +660,7 @@ class Volume:
             table.pop(node.ino, None)
         self.reader.drop_cached(node.ino)
         if node.is_reg:
-            for r in self.online:
-                r.worker.submit(partial(r.remove_data, node.ino), lambda result, error: None)
+            self._reclaim(lambda r: r.remove_data(node.ino))
 
     async def free_orphans(self) -> None:
         """After a crash nothing is open: forget inodes whose last name was removed."""

@@ -3,6 +3,7 @@ directories: each would lose or reuse a record if the code still had it."""
 
 from __future__ import annotations
 
+import errno
 import stat
 import threading
 
@@ -14,7 +15,7 @@ from lnmirrorfs import codec
 from lnmirrorfs.cli.common import read_key_file
 from lnmirrorfs.namespace import Namespace
 from lnmirrorfs.replica import Replica
-from lnmirrorfs.volume import Volume
+from lnmirrorfs.volume import Options, Volume
 
 
 def open_volume(tmp_path) -> tuple[Volume, list, bytes]:
@@ -111,3 +112,38 @@ async def test_cancelled_commit_is_applied_and_its_number_never_reused(tmp_path)
     ino = again.tree.child(1, b"f").ino
     assert await again.read(ino, 0, 6) == b"second"
     again.close()
+
+
+async def test_a_free_never_reaches_a_replica_that_missed_its_record(tmp_path):
+    """W=1 of 2: an unlink is acknowledged by one replica while the other's part of it is
+    still queued, and fails.  The freed file's removal is queued behind it on that replica
+    and must not run there: its own latest state still holds the file, and once it is the
+    only replica left, a read-only open serves that state from it."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master, Options(quorum=1))
+    names = Namespace(volume)
+    node = await names.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(node.ino, 0, b"kept" * 100)
+    await volume.sync(node.ino)
+    async with volume.lock:  # the shares now live in the data file alone, not in the log
+        await volume.snapshot()
+    late = volume.replicas[1]
+    late.write_slots = _crash
+    hold = threading.Event()  # its disk is slow: the other replica answers first
+    late.worker.submit(hold.wait, lambda result, error: None)
+    await names.unlink(1, b"f", want_dir=False)
+    hold.set()
+    while late.worker.pending:
+        await trio.sleep(0.01)
+    volume.close()
+    v.replicas[0].rename(tmp_path / "away")
+    alone = Volume.open([str(r) for r in v.replicas], master, writable=False)
+    try:
+        assert await alone.read(alone.tree.child(1, b"f").ino, 0, 400) == b"kept" * 100
+    finally:
+        alone.close()
+
+
+def _crash(*args, **kwargs) -> None:
+    raise OSError(errno.EIO, "crash injected")
