@@ -158,12 +158,26 @@ class BlockReader:
 
     def share_ok(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
         """The share in a raw slot if it is the right generation and its checksum holds."""
+        return self._share_ok(r, ino, index, gen, self.tree.term_of(gen), raw)
+
+    def _share_ok(self, r: Replica, ino: int, index: int, gen: int, term: int,
+                  raw: bytes) -> bytes | None:
         got_gen, checksum, share = format.unpack_slot(raw)
         if got_gen != gen:
             return None
-        expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen,
-                                        self.tree.term_of(gen), r.index, share)
+        expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen, term,
+                                        r.index, share)
         return share if checksum == expected else None
+
+    def read_checked(self, r: Replica, ino: int,
+                     wanted: list[tuple[int, int, int, int]]) -> list[tuple[int, bytes | None]]:
+        """A job for r's worker thread: read the slots of (block, generation, slot, term)s
+        and give, for each, the bytes read and the share if share_ok.  Checking there
+        spreads the hashing over the replicas' threads (blake2b releases the GIL) and keeps
+        it off the event loop, where a live scrub would hold up the commits."""
+        raws = r.read_slots([(ino, block, slot) for block, _, slot, _ in wanted], self.slot_size)
+        return [(len(raw), self._share_ok(r, ino, block, gen, term, raw))
+                for (block, gen, _, term), raw in zip(wanted, raws, strict=True)]
 
     def _bad_share(self, r: Replica, ino: int, index: int) -> None:
         r.counters.checksum += 1

@@ -119,8 +119,13 @@ def slot_offset(block: int, slot: int, size: int) -> int:
     return (2 * block + slot) * size
 
 
-def pack_slot(gen: int, checksum: bytes, share: bytes) -> bytes:
-    return _SLOT_HEAD.pack(gen, checksum) + share
+SlotWrite = tuple[int, int, tuple[bytes, ...]]  # (file id, offset, the slot's buffers)
+
+
+def pack_slot(gen: int, checksum: bytes, share: bytes) -> tuple[bytes, bytes]:
+    """A slot as its two buffers (written with pwritev): with k = 1 every replica's slot
+    holds the same share object, so n slots cost one copy of the block, not n."""
+    return _SLOT_HEAD.pack(gen, checksum), share
 
 
 def unpack_slot(raw: bytes) -> tuple[int, bytes, bytes]:

@@ -67,9 +67,9 @@ async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
         return set()
     unhealed: set[Replica] = set()
     size = volume.slot_size
+    slots = [(b, entry_gen(e), entry_slot(e), volume.tree.term_of(entry_gen(e))) for b, e in wanted]
     reads = await volume.replica_set.run_jobs(
-        [(r, partial(r.read_slots, [(ino, b, entry_slot(e)) for b, e in wanted], size))
-         for r in targets], len(targets))
+        [(r, partial(volume.reader.read_checked, r, ino, slots)) for r in targets], len(targets))
     writes: dict[Replica, list] = {}
     healed_blocks: dict[Replica, list[int]] = {}
     for position, (block, entry) in enumerate(wanted):
@@ -77,10 +77,9 @@ async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
         good: dict[int, bytes] = {}
         bad: list[Replica] = []
         for r in targets:
-            raw = reads[r][position] if r in reads else b""
+            length, share = reads[r][position] if r in reads else (0, None)
             report.shares_checked += 1
-            report.bytes_read += len(raw)
-            share = volume.reader.share_ok(r, ino, block, gen, raw)
+            report.bytes_read += length
             if share is None:
                 bad.append(r)
             else:

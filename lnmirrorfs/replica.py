@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from . import codec, format
+from .fileio import (
+    close_all_quietly,
+    close_quietly,
+    fsync_dir,
+    pwrite_all,
+    unlink_quietly,
+    write_file_durably,
+    write_zeros,
+)
 from .tree import Tree, TreeError, block_entry, decode_ops
 
 ONLINE, STALE, FAULTED, MISSING, OFFLINE = "ONLINE", "STALE", "FAULTED", "MISSING", "OFFLINE"
@@ -43,27 +52,6 @@ class ReplicaError(Exception):
 
 class ReplicaInUse(ReplicaError):
     """Another process holds the replica's lock."""
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write a whole file via a temporary name, fsync it, rename it, fsync the directory."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
 
 
 class Worker:
@@ -281,7 +269,7 @@ class Replica:
         # The old descriptors may belong to a mount that hangs (an sshfs whose connection
         # is half dead, lazily unmounted): a close there blocks in its flush, and this job
         # with it, so the replica would never rejoin.  Close them in a thread left behind.
-        threading.Thread(target=_close_all_quietly, args=([fd for fd in fds if fd is not None],),
+        threading.Thread(target=close_all_quietly, args=([fd for fd in fds if fd is not None],),
                          daemon=True).start()
         self.lock()
         if Replica.open(self.path).header != self.header:
@@ -311,7 +299,7 @@ class Replica:
         # the unmount finishes its work for the other replicas; the process itself ends
         # once that filesystem answers (or its connection is aborted).
         for fd in fds:
-            threading.Thread(target=_close_quietly, args=(fd,), daemon=True).start()
+            threading.Thread(target=close_quietly, args=(fd,), daemon=True).start()
 
     def mark(self, state: str, reason: str) -> None:
         if self.state == ONLINE or state == MISSING:
@@ -425,7 +413,7 @@ class Replica:
     def apply_redo(self, redo: dict[tuple[int, int, int], bytes]) -> None:
         """Copy slots that only the log holds durably into the data files, and sync them."""
         size = format.slot_size(self.header.block_size, self.header.k)
-        self.write_slots([(ino, format.slot_offset(block, slot, size), raw)
+        self.write_slots([(ino, format.slot_offset(block, slot, size), (raw,))
                           for (ino, block, slot), raw in redo.items()])
 
     def open_log(self, valid_end: int) -> None:
@@ -441,9 +429,9 @@ class Replica:
     def _append(self, record: bytes) -> None:
         end = self._log_end + len(record)
         if end > self._log_allocated:
-            _write_zeros(self._log_fd, self._log_allocated, end + LOG_CHUNK)
+            write_zeros(self._log_fd, self._log_allocated, end + LOG_CHUNK)
             self._log_allocated = end + LOG_CHUNK
-        os.pwrite(self._log_fd, record, self._log_end)
+        pwrite_all(self._log_fd, record, self._log_end)
         os.fdatasync(self._log_fd)
         self._log_end = end
 
@@ -538,7 +526,7 @@ class Replica:
             self.snapshot_seq = cut.seq
         fd = os.open(self._spare_log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_zeros(fd, 0, LOG_CHUNK)
+            write_zeros(fd, 0, LOG_CHUNK)
             os.fdatasync(fd)
         finally:
             os.close(fd)
@@ -554,8 +542,8 @@ class Replica:
             allocated = os.fstat(fd).st_size
             if len(tail) >= allocated:
                 allocated = len(tail) + LOG_CHUNK
-                _write_zeros(fd, len(tail), allocated)
-            os.pwrite(fd, tail, 0)
+                write_zeros(fd, len(tail), allocated)
+            pwrite_all(fd, tail, 0)
             os.fdatasync(fd)
             os.rename(self._spare_log_path, self.log_path)
             fsync_dir(self.meta_path)  # before any later record is appended to it
@@ -593,8 +581,8 @@ class Replica:
             os.close(self._data_fds.popitem(last=False)[1])
         return fd, created
 
-    def write_slots(self, slots: list[tuple[int, int, bytes]], sync: bool = True) -> None:
-        """Write slots (file id, offset, bytes); with sync, make them and new names durable.
+    def write_slots(self, slots: list[format.SlotWrite], sync: bool = True) -> None:
+        """Write slots (file id, offset, buffers); with sync, make them and new names durable.
 
         Without sync the caller has the same bytes durable in the log, and the next
         snapshot syncs these files before it drops that log."""
@@ -605,7 +593,7 @@ class Replica:
         for file_id, offset, data in slots:
             fd, new = self._data_fd(file_id, create=True)
             created |= new
-            os.pwrite(fd, data, offset)
+            pwrite_all(fd, data, offset)
             touched[file_id] = fd
         if not sync:
             self._unsynced_files.update(touched)
@@ -615,7 +603,7 @@ class Replica:
         if created:
             fsync_dir(self.data_path)
 
-    def commit(self, slots: list[tuple[int, int, bytes]], record: bytes, inline: bool,
+    def commit(self, slots: list[format.SlotWrite], record: bytes, inline: bool,
                seq: int) -> None:
         """Write the slots, then append the record and sync the log: the commit point.
 
@@ -717,31 +705,6 @@ class Replica:
                 "header_damage": self.header_damage,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
-
-
-def _write_zeros(fd: int, start: int, end: int) -> None:
-    zeros = bytes(1 << 20)
-    for offset in range(start, end, len(zeros)):
-        os.pwrite(fd, zeros[:end - offset], offset)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass  # a dead mount's descriptor: gone either way
-
-
-def _close_all_quietly(fds: list[int]) -> None:
-    for fd in fds:
-        _close_quietly(fd)
-
-
-def unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:

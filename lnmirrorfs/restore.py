@@ -14,6 +14,7 @@ import socket
 import stat
 from collections.abc import Callable
 
+from .fileio import pwrite_all
 from .namespace import Namespace
 from .tree import Inode
 from .volume import Volume
@@ -87,7 +88,7 @@ async def _restore_file(volume: Volume, node: Inode, path: str, meter: _Meter) -
         offset = 0
         while offset < size:
             data = await volume.read(node.ino, offset, CHUNK)
-            os.pwrite(fd, data, offset)
+            pwrite_all(fd, data, offset)
             offset += len(data)
             meter.add(len(data))
         os.ftruncate(fd, size)

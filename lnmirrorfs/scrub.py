@@ -22,6 +22,7 @@ from functools import partial
 
 import trio
 
+from .fileio import unlink_quietly
 from .heal import (
     CHUNK_BLOCKS,
     Progress,
@@ -31,7 +32,7 @@ from .heal import (
     give_blocks,
     install_snapshot,
 )
-from .replica import ONLINE, STALE, Replica, ReplicaError, unlink_quietly
+from .replica import ONLINE, STALE, Replica, ReplicaError
 from .tree import Tree
 from .volume import Volume, VolumeError
 

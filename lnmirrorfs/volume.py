@@ -60,10 +60,11 @@ def fail(err: int, what: str = "") -> OSError:
 class Options:
     quorum: int | None = None          # W; default majority of n, never below k
     deadline: float = 10.0             # seconds a replica has to answer one request
-    cache_bytes: int = 16 << 20        # decoded-block cache
+    cache_bytes: int = 8 << 20         # decoded-block cache
     # Buffered writes, with those of the commit in flight, before a write waits for a
-    # commit: bounds the daemon's memory (a commit holds its blocks about 3 times over:
-    # in flight, and one sealed slot per replica) while keeping commits large.
+    # commit: bounds the daemon's memory (a commit holds its blocks twice over, in flight
+    # and sealed; with k = 1 every replica's slot shares the sealed block) while keeping
+    # commits large.
     dirty_bytes: int = 8 << 20
     snapshot_log_bytes: int = 16 << 20  # log size that triggers a snapshot
     # How long a change waits for W replicas before it fails with EIO.  Five minutes
@@ -77,7 +78,7 @@ class PendingRecord:
     """A sealed record handed to the replicas and not yet held by W of them."""
     head: format.RecordHead
     ops: list[dict]
-    slots: list[list[tuple[int, int, bytes]]]
+    slots: list[list[format.SlotWrite]]
     inline: bool
     inos: list[int]
     freed: list[Inode]
@@ -292,7 +293,7 @@ class Volume:
         # Small commits carry their shares in the log record: one fdatasync per replica.
         inline = len(slots[0]) <= INLINE_BLOCKS
         record = PendingRecord(head, ops, slots, inline, inos, list(freed), [
-            format.pack_record(head, sealed, b"".join(s[2] for s in mine) if inline else b"")
+            format.pack_record(head, sealed, b"".join(part for s in mine for part in s[2]) if inline else b"")
             for mine in slots])
         # Once the record is handed to the replicas it exists there: a cancelled caller
         # (shutdown, a killed scrub) must not leave it unapplied here, or the next record
@@ -386,7 +387,7 @@ class Volume:
         head = record.head
         self.tree.apply(head.seq, head.term, head.time_ms, record.ops, head.commit)
         self._acknowledged(head.seq)
-        self._settle_inflight(record.inos)
+        self._settle_inflight(record.inos, cache_all=record.inline)
         for node in record.freed:
             self.forget(node)
         self.log_bytes += len(record.records[0])
@@ -439,19 +440,23 @@ class Volume:
             return await trio.to_thread.run_sync(self._encode_plan, seq, plan)
 
     def _encode_plan(self, seq: int, plan: list[tuple[int, int, int, bytes]]) -> list[list]:
-        slots: list[list[tuple[int, int, bytes]]] = [[] for _ in range(self.n)]
+        slots: list[list[format.SlotWrite]] = [[] for _ in range(self.n)]
         for ino, index, offset, data in plan:
             for i, (checksum, share) in enumerate(codec.encode_block(
                     self.keys, self.volume_id, self.k, self.n, ino, index, seq, self.term, data)):
                 slots[i].append((ino, offset, format.pack_slot(seq, checksum, share)))
         return slots
 
-    def _settle_inflight(self, inos: Iterable[int]) -> None:
+    def _settle_inflight(self, inos: Iterable[int], cache_all: bool = True) -> None:
         """After a commit of these inodes: their blocks are durable, their size and mtime
-        are in the tree (a truncate may have left an empty dirty table: drop it too)."""
+        are in the tree (a truncate may have left an empty dirty table: drop it too).
+        The blocks go to the cache; after a big commit (a bulk write) only each inode's
+        last one, which an append's next partial write reads: the rest would only push
+        out what a database rereads, and the kernel's page cache holds them anyway."""
         for ino in inos:
-            for index, data in self.inflight.pop(ino, {}).items():
-                self.reader.cache_put(ino, index, data)
+            blocks = self.inflight.pop(ino, {})
+            for index in blocks if cache_all else sorted(blocks)[-1:]:
+                self.reader.cache_put(ino, index, blocks[index])
             if not self.dirty.get(ino):
                 self.dirty.pop(ino, None)
                 self.pending_size.pop(ino, None)

@@ -15,6 +15,7 @@ import pytest
 
 import workload
 from conftest import lnmirror
+from lnmirrorfs.fileio import pwrite_all
 
 
 def run(*cmd: str) -> None:
@@ -55,6 +56,25 @@ def test_full_replica_faults_and_workload_continues(make_vol, tmp_path, mounts_t
     assert m.unmount() == 0
     v.restore(tmp_path / "out", replicas=v.replicas[:2])
     assert workload.check_db(str(tmp_path / "out")) == 150
+
+
+def test_a_write_that_only_partly_fits_is_an_error_not_a_success(tmp_path, mounts_to_undo):
+    """A filling disk takes part of a write and returns its length: taken for the whole,
+    a torn slot or record would sit behind a commit that succeeded."""
+    small = tmp_path / "small"
+    small.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small))
+    mounts_to_undo.append(str(small))
+    fd = os.open(small / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert 0 < os.pwritev(fd, [bytes(200 << 10), bytes(200 << 10)], 0) < 400 << 10  # the fault
+        with pytest.raises(OSError) as raised:
+            pwrite_all(fd, [b"h" * 40, bytes(400 << 10)], 0)
+        assert raised.value.errno == errno.ENOSPC
+        pwrite_all(fd, [b"h" * 40, b"s" * 4096], 8192)  # what fits is written whole
+        assert os.pread(fd, 4136, 8192) == b"h" * 40 + b"s" * 4096
+    finally:
+        os.close(fd)
 
 
 def test_read_only_replica_mounts_degraded(make_vol, tmp_path, mounts_to_undo):

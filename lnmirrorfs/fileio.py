@@ -1,0 +1,75 @@
+"""File primitives the replica store and restore build on: whole writes (a filling disk
+may take part of one), durable writes, directory syncs, quiet cleanup."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+Buffers = bytes | bytearray | memoryview | Sequence[bytes]
+
+
+def pwrite_all(fd: int, data: Buffers, offset: int) -> None:
+    """Write every byte of `data` (one buffer or several, with pwritev) at `offset`.  A
+    write to a filling disk may return having written part: the rest is retried, and the
+    disk then answers ENOSPC.  A short write taken for a whole one would leave a torn slot
+    or record behind a commit that reports success."""
+    pending = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) \
+        else [memoryview(b) for b in data]
+    pending = [b for b in pending if len(b)]
+    while pending:
+        written = os.pwritev(fd, pending, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "no space left on device (write took nothing)")
+        offset += written
+        while pending and written >= len(pending[0]):
+            written -= len(pending.pop(0))
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write a whole file via a temporary name, fsync it, rename it, fsync the directory."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def write_zeros(fd: int, start: int, end: int) -> None:
+    zeros = bytes(1 << 20)
+    for offset in range(start, end, len(zeros)):
+        pwrite_all(fd, zeros[:end - offset], offset)
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # a dead mount's descriptor: gone either way
+
+
+def close_all_quietly(fds: list[int]) -> None:
+    for fd in fds:
+        close_quietly(fd)
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
