@@ -28,8 +28,10 @@ import os
 import random
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -37,8 +39,8 @@ import trio
 from lnmirrorfs import codec, format, scrub
 from lnmirrorfs.membership import default_quorum
 from lnmirrorfs.namespace import Namespace
-from lnmirrorfs.replica import DELETED_SUFFIX, ONLINE, Replica
-from lnmirrorfs.tree import Tree
+from lnmirrorfs.replica import DELETED_SUFFIX, ONLINE, Replica, ReplicaError
+from lnmirrorfs.tree import HOLE, Tree, entry_gen, entry_slot
 from lnmirrorfs.volume import Options, Volume, VolumeError
 
 # A change that misses W fails at once (the mount's ride-through is tested on real mounts).
@@ -48,6 +50,7 @@ OPTIONS = {"deadline": 5.0, "suspend_timeout": 0.0, "snapshot_log_bytes": 3000}
 NAMES = [b"f0", b"f1", b"f2", b"f3"]
 COMMIT_FATES = ("none", "torn", "slots", "synced")  # the fates that cut the commit itself
 BLOCK = 512
+LATE_SECONDS = 0.02  # a slow replica's part of a commit waits at most this for the others
 
 
 class Violation(AssertionError):
@@ -121,6 +124,7 @@ class History:
         # since, which synced its data files first): (record, the data files then).
         self.synced: dict[int, tuple[int, set[str]]] = {}
         self.trace: list[str] = []
+        self.late = threading.Event()               # released: slow replicas' parts go on
         self.stats = Stats(histories=1)
         self._create()
 
@@ -279,6 +283,7 @@ class History:
             return
         self.note_syncs()  # a power cut may follow within this step
         self.note("unmount" if clean and self.writable else "kill")
+        self.check_whole(volume)
         if clean and self.writable and not volume.suspended:
             try:
                 trio.run(self._clean_close)
@@ -292,6 +297,26 @@ class History:
             self.stats.kills += 1
         volume.close()
         self.volume = None
+
+    def check_whole(self, volume: Volume) -> None:
+        """Every replica's own latest state is whole, also on one that faulted in this open
+        and fell behind: each block its tree points at is in its data files or its log, for it may
+        be all that is left one day (served alone, or restore --unproven).  A freed file's
+        removal or a slot overwrite that ran on a replica lacking the record that allowed
+        it breaks this at once, not only in the rare history that then serves it alone.
+        Checked while the volume's threads are quiet (settled); replicas whose data was
+        flipped, or whose log or snapshot does not load whole, are skipped."""
+        self.settle()
+        keys = codec.Keys.derive(self.master)
+        for r in volume.replicas:
+            if (r.header is None or r.state == ONLINE  # an online one serves: reads check it
+                    or r.index in self.away or r.index in self.data_damage):
+                continue
+            seq, lost = lost_blocks(r.path, keys, format.slot_size(BLOCK, self.k))
+            if lost:
+                ino, block, wanted, found = lost[0]
+                self.fail(f"r{r.index}'s own state (record {seq}) lost inode {ino} block "
+                          f"{block}: its slot holds generation {found}, not {wanted}")
 
     async def _clean_close(self) -> None:
         volume = self.volume
@@ -424,9 +449,17 @@ class History:
         record with the sync reporting an error.  The cut is
         made inside the real Replica.commit, which faults its replica as on any error.
         The last two let the commit through and cut a background snapshot it starts:
-        before its snapshot is written, or before the log is cut after it."""
+        before its snapshot is written, or before the log is cut after it.
+
+        A replica whose part fails is often slow too: half of them start it only once the
+        change returned (or LATE_SECONDS passed, if W needs them), so what the volume
+        queues after the acknowledgement (a free, a snapshot) waits behind a part that
+        fails.  Left to the threads, that order came about once in a thousand histories."""
+        self.late = threading.Event()
         for r in self.volume.replicas:
             fate = fates.get(r.index) if r.header else None
+            if fate in COMMIT_FATES and self.rng.random() < 0.5:
+                r.worker.submit(partial(self.late.wait, LATE_SECONDS), lambda result, error: None)
             if fate == "none":
                 r.write_slots = _crash
             elif fate == "slots":
@@ -441,6 +474,7 @@ class History:
                 r._cut_log = _crash
 
     def uninject(self) -> None:
+        self.late.set()
         if self.volume is None:
             return
         self.settle()
@@ -678,6 +712,35 @@ class History:
         finally:
             volume.close()
             self.volume = None
+
+
+def lost_blocks(path: str, keys: codec.Keys, size: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """The blocks a replica's own latest state points at that neither its data files nor
+    its log hold: (its record, [(inode, block, generation wanted, generation found)]).
+    Nothing if its metadata does not load whole (a damage of its own, found elsewhere)."""
+    alone = Replica.open(path)
+    try:
+        try:
+            loaded = alone.load(keys) if alone.header else None
+        except ReplicaError:
+            loaded = None
+        if loaded is None:  # a flipped header or snapshot: unreadable on its own
+            return 0, []
+        if loaded.damage:
+            return loaded.tree.seq, []
+        alone.overlay = loaded.redo  # what only its log holds counts
+        lost = []
+        for ino, node in loaded.tree.inodes.items():
+            if not stat.S_ISREG(node.mode):
+                continue
+            wanted = [(b, e) for b, e in enumerate(node.blocks) if e != HOLE]
+            raws = alone.read_slots([(ino, b, entry_slot(e)) for b, e in wanted], size)
+            lost += [(ino, b, entry_gen(e), format.unpack_slot(raw)[0])
+                     for (b, e), raw in zip(wanted, raws, strict=True)
+                     if format.unpack_slot(raw)[0] != entry_gen(e)]
+        return loaded.tree.seq, lost
+    finally:
+        alone.close()
 
 
 def _crash(*args, **kwargs) -> None:

@@ -173,7 +173,7 @@ def test_sqlite_rides_through_a_20s_network_cut_on_two_replicas(tmp_path, ssh_ho
         ssh_host.reconnect()
         deadline = time.monotonic() + 60
         while replica_states(m) != ["ONLINE", "ONLINE"] or loop.acked < 30:
-            assert time.monotonic() < deadline and not loop.errors, (loop.errors, m.output())
+            assert time.monotonic() < deadline and not loop.errors, f"{loop.errors}\n{m.output()}"
             time.sleep(0.5)
         loop.stop()
         assert not loop.errors, loop.errors
