@@ -222,13 +222,14 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def flush(self, fh):
-        # close() of a writable handle makes the inode's data durable: a crash after it
-        # loses nothing.  Keyed by inode: with the writeback cache the kernel writes an
-        # inode's cached pages through any writable handle, just before this FLUSH.  A
-        # read-only close promises nothing and must not fail for another handle's writes.
+        # close() of a writable handle makes the inode's data durable (a crash after it
+        # loses nothing) unless the volume waits for its quorum (sync_on_close).  Keyed by
+        # inode: with the writeback cache the kernel writes an inode's cached pages through
+        # any writable handle, just before this FLUSH.  A read-only close promises nothing
+        # and must not fail for another handle's writes.
         handle = self._file_handles[fh]
         if handle.writable and self.volume.is_buffered(handle.ino):
-            await self.volume.sync(handle.ino)
+            await self.volume.sync_on_close(handle.ino)
 
     @_guard
     async def fsync(self, fh, datasync):

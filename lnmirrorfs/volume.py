@@ -570,10 +570,31 @@ class Volume:
     async def sync(self, ino: int | None = None) -> None:
         """Commit buffered writes of one inode (fsync) or of all (periodic flush, unmount)."""
         async with self.lock:
-            if self.suspended:
-                raise fail(errno.EIO, self.suspended)
-            inos = [ino] if ino is not None else sorted(self.buffered())
-            await self.commit([], [i for i in inos if i in self.tree.inodes])
+            await self._sync_locked(ino)
+
+    async def _sync_locked(self, ino: int | None) -> None:
+        if self.suspended:
+            raise fail(errno.EIO, self.suspended)
+        inos = [ino] if ino is not None else sorted(self.buffered())
+        await self.commit([], [i for i in inos if i in self.tree.inodes])
+
+    async def sync_on_close(self, ino: int) -> None:
+        """close() of a writable handle: commit the inode's buffered data, unless a change
+        is waiting for the write quorum (a ride-through) or the lock does not come within
+        the deadline.  The data then stays buffered for the next fsync or writeback: close
+        promises no durability, and it must not hang for minutes.  Every close of every
+        copy of a descriptor sends one (a forked child closing what it inherited before
+        exec), and the parent of a vfork (Python's subprocess) waits for that child."""
+        if self.waiting:
+            return
+        with trio.move_on_after(self.options.deadline) as waited:  # for the lock, not the commit
+            await self.lock.acquire()
+        if waited.cancelled_caught:
+            return
+        try:
+            await self._sync_locked(ino)
+        finally:
+            self.lock.release()
 
     def buffered(self) -> set[int]:
         """Inodes with changes in memory only: data written, or times (retime)."""

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -103,6 +104,51 @@ def test_past_the_suspend_timeout_eio_then_the_mount_resumes_by_itself(make_vol,
     v.restore(tmp_path / "out", replicas=[v.replicas[1]])
     assert (tmp_path / "out" / "kept").read_text() == "acknowledged"
     assert (tmp_path / "out" / "after").read_text() == "written after the resume"
+
+
+def test_a_close_or_a_fork_does_not_wait_for_a_riding_through_quorum(make_vol, tmp_path):
+    """While an fsync waits for B, a close of another file with buffered data returns at
+    once (its data stays buffered), and so does a subprocess started by a process holding
+    a descriptor on the mount: its child closes that descriptor at exec, and the parent of
+    a vfork waits for the child (this hung the network test for the whole suspend timeout)."""
+    v = make_vol(n=2, k=1)
+    m = v.mount("--deadline", str(DEADLINE), "--suspend-timeout", "120")
+    held = open(m.path / "held", "w")  # a descriptor the subprocesses inherit a copy of
+    fd = os.open(m.path / "waits", os.O_WRONLY | os.O_CREAT, 0o644)
+    (m.path / "closed").touch()  # creates are changes: they would wait too
+    gone = tmp_path / "b-away"
+    os.rename(v.replicas[1], gone)
+    try:
+        os.write(fd, b"acknowledged once B is back")
+        waiting = threading.Thread(target=os.fsync, args=(fd,))
+        waiting.start()
+        wait_for(lambda: status(m)["state"] != "ONLINE", 2 * DEADLINE + 5, "the fsync waits")
+        held.write("buffered, not yet durable")
+        held.flush()
+        started = time.monotonic()
+        subprocess.run(["true"], check=True)
+        closed = os.open(m.path / "closed", os.O_WRONLY)
+        os.write(closed, b"closed while B is away")
+        os.close(closed)
+        took = time.monotonic() - started
+        assert took < 2, f"a fork and a close waited {took:.1f}s for the quorum"
+        assert waiting.is_alive()  # the fsync still waits: nothing failed meanwhile
+        os.rename(gone, v.replicas[1])
+        waiting.join(60)
+        assert not waiting.is_alive()
+        os.close(fd)
+        held.close()
+        os.sync()
+        wait_for(lambda: all_online(m), 20, "B rejoins")
+    finally:
+        if gone.exists():
+            os.rename(gone, v.replicas[1])
+    assert m.unmount() == 0
+    out = tmp_path / "out"
+    v.restore(out, replicas=[v.replicas[1]])
+    assert (out / "waits").read_bytes() == b"acknowledged once B is back"
+    assert (out / "held").read_text() == "buffered, not yet durable"
+    assert (out / "closed").read_text() == "closed while B is away"
 
 
 def unmount_while_stopped(m, fs) -> None:
