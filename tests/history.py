@@ -626,7 +626,9 @@ class History:
             return 0
 
     def _data_files(self, index: int) -> set[str]:
-        data = self.paths[index] / "data"
+        """The replica's data files, where it is now: one away at an open comes back with
+        the files it had, all synced long ago (a power cut must not count them as new)."""
+        data = self.away.get(index, self.paths[index]) / "data"
         return set(os.listdir(data)) if data.is_dir() else set()
 
     # ---- operator actions ----
