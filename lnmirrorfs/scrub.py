@@ -81,13 +81,17 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
             await volume.resume()  # a suspended mount takes writes again once W are back
         if volume.pending is None:  # a pending record sits in some logs: keep them
             await _check_metadata(volume, targets, report, dry_run)
-        await _remove_extra_files(volume, targets, report, dry_run)
+        extra = await _extra_files(volume, targets, report)
         volume.replica_set.report_changes()
         report.seconds = round(time.monotonic() - started, 3)
         recordable = (not dry_run and volume.pending is None
                       and len(volume.online) >= volume.commit_quorum())
         if recordable:
             await volume.commit([{"op": "scrubbed", "report": _summary(report)}])
+            # Only now is the served state acknowledged in this term: before, its last
+            # record may never have been, and a later open may serve the state before it,
+            # whose files these may be (a crash right after an unlink W did not hold).
+            await _remove_extra_files(volume, extra)
         elif not dry_run:
             report.unrepairable.append(f"result not recorded: only {len(volume.online)} "
                                        f"replica(s) writable, the write quorum is "
@@ -149,19 +153,27 @@ async def _check_metadata(volume: Volume, targets: list[Replica], report: Report
                 [(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
 
 
-async def _remove_extra_files(volume: Volume, targets: list[Replica], report: Report,
-                              dry_run: bool) -> None:
-    """Data files of inodes that no longer exist (a crash between free and delete)."""
+ExtraFiles = dict[Replica, tuple[list[int], list[str]]]
+
+
+async def _extra_files(volume: Volume, targets: list[Replica], report: Report) -> ExtraFiles:
+    """Per replica, data files of inodes that no longer exist (a crash between free and
+    delete) and `.deleted` leftovers; counted in the report."""
     live = {ino for ino, n in volume.tree.inodes.items() if n.is_reg}
-    listed = await volume.replica_set.run_jobs([(r, partial(_extra_files, r, live)) for r in targets],
-                                   len(targets))
-    for r, (extra, leftovers) in listed.items():
+    listed = await volume.replica_set.run_jobs(
+        [(r, partial(_extra_files_of, r, live)) for r in targets], len(targets))
+    for extra, leftovers in listed.values():
         report.extra_files += len(extra) + len(leftovers)
-        if (extra or leftovers) and not dry_run:
+    return listed
+
+
+async def _remove_extra_files(volume: Volume, listed: ExtraFiles) -> None:
+    for r, (extra, leftovers) in listed.items():
+        if extra or leftovers:
             await volume.replica_set.run_jobs([(r, partial(_remove_all, r, extra, leftovers))], 1)
 
 
-def _extra_files(r: Replica, live: set[int]) -> tuple[list[int], list[str]]:
+def _extra_files_of(r: Replica, live: set[int]) -> tuple[list[int], list[str]]:
     return [f for f in r.data_files() if f not in live], r.deleted_leftovers()
 
 

@@ -18,6 +18,12 @@ from history import run_histories
 from conftest import slow_enabled
 
 DEFAULT_HISTORIES = 1000
+# Histories that once found a bug, kept so it stays found: (seed, steps, what it was).
+FOUND = [
+    (5618, 30, "a free ran on a replica whose part of the unlink failed late"),
+    (700395, 60, "the power-cut model deleted files of a replica away at the open"),
+    (718035156, 30, "scrub removed files of an unacknowledged unlink an older state still used"),
+]
 
 
 def _run(count: int, steps: int) -> None:
@@ -39,6 +45,11 @@ def _run(count: int, steps: int) -> None:
 
 def test_random_histories():
     _run(DEFAULT_HISTORIES, 30)
+
+
+@pytest.mark.parametrize("seed, steps, found", FOUND, ids=[str(f[0]) for f in FOUND])
+def test_histories_that_found_a_bug(seed: int, steps: int, found: str, tmp_path):
+    run_histories(range(seed, seed + 1), tmp_path, steps)
 
 
 @pytest.mark.slow
