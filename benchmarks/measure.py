@@ -379,6 +379,29 @@ def measure_scale(target: Lnmirror, params: dict, pattern: Pattern) -> dict:
     return out
 
 
+def measure_space(target: Lnmirror, params: dict, pattern: Pattern) -> dict:
+    """Disk bytes per replica on a fresh volume: after --space-commits commits of the
+    lightningd-style loop (rollback journal), then for a --space-mib file written once
+    (the growth it caused).  Each replica directory is counted whole (header, snapshot,
+    log, slot files), unmounted, so the log has been cut by the unmount's snapshot."""
+    target.init()
+    target.mount()
+    timed_commits(target.workdir / "db", params["space_commits"])
+    db_logical, _ = tree_bytes(target.workdir)
+    target.unmount()
+    after_db = [disk_bytes(r) for r in target.replicas]
+    target.mount()
+    once = params["space_mib"] * MIB
+    write_file(target.workdir / "written-once", params["space_mib"], pattern)
+    target.unmount()
+    after_once = [disk_bytes(r) for r in target.replicas]
+    grown = [b - a for a, b in zip(after_db, after_once, strict=True)]
+    return {"commits": params["space_commits"], "db_logical_bytes": db_logical,
+            "db_replica_bytes": after_db, "db_per_replica": max(after_db) / db_logical,
+            "once_bytes": once, "once_replica_growth": grown, "once_per_replica": max(grown) / once,
+            "k": target.k, "n": target.n}
+
+
 def check_samples(workdir: Path, total: int, per_file: int, pattern: Pattern, count: int = 16) -> int:
     """Read `count` random MiB of the scale files; the number that differ from what was written."""
     bad = 0

@@ -239,3 +239,25 @@ def format_scale(report: dict) -> str:
              f"then {m['commits']} commits"]
     lines += table(["", "unit", "lnmirror-2"], rows)
     return "\n".join(lines)
+
+
+def format_space(report: dict) -> str:
+    space = report.get("space")
+    if not space:
+        return ""
+    if "skipped" in space:
+        return f"space profile: {space['skipped']}"
+    names = list(space)
+    cells = {name: space[name].get("measurements") for name in names}
+    first = next((m for m in cells.values() if m), None)
+    if first is None:
+        return "space profile: FAILED: " + "; ".join(space[name].get("error", "?") for name in names)
+    rows = [[label, "x", *(format_value(m[metric]) if m else "FAILED" for m in cells.values())]
+            for metric, label in (
+                ("db_per_replica", f"database after {first['commits']} commits: disk / logical"),
+                ("once_per_replica", f"a {first['once_bytes'] >> 20} MiB file written once: disk / logical"))]
+    lines = ["space profile: allocated bytes of the largest replica (header, snapshot, log and slot "
+             "files) / logical bytes; fresh volumes, unmounted"]
+    header = [f"{n} ({space[n].get('description', '')})" for n in names]
+    lines += table(["per replica", "unit", *header], rows)
+    return "\n".join(lines)

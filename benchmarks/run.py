@@ -67,6 +67,12 @@ caches are dropped and the mount is timed (until the mountpoint is up), and 16 r
 are read back and checked.  Peak RSS: the highest VmHWM of the daemons (the first from the
 mount of the empty volume to its exit, sampled every 50 ms; the second after its mount).
 
+The space profile (--no-space skips it) runs on fresh lnmirror-2 (k=1) and lnmirror-3 (k=2)
+volumes: --space-commits commits of the commit loop (rollback journal), unmount, and the
+allocated bytes (st_blocks) of each replica directory against the logical bytes in the
+volume; then a --space-mib file written once (1 MiB write()s, fsync), unmount, and each
+replica's growth against the file's size.  The table gives the largest replica's figure.
+
 Data read back is checked (chunk stamps on sequential reads, every random 4 KiB read
 against the expected bytes, SQLite integrity and commit count, restored file digests);
 a mismatch, a failed step, a non-zero daemon exit or a warning in a daemon's log is
@@ -105,11 +111,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import ANOMALIES, CACHE_NOTE, LOADS, REPO, anomaly, step
-from measure import Pattern, measure_scale, run_target
+from measure import Pattern, measure_scale, measure_space, run_target
 from report import (
     add_ratios,
     format_scale,
     format_scrub_live,
+    format_space,
     format_table,
     loadavg,
     machine_info,
@@ -121,15 +128,19 @@ DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "run.json"
 NS_MARK = "LNMIRROR_BENCH_PRIVATE_NS"
 
 FULL = {"commits": 500, "iops_ops": 1000, "iops_file_mib": 16, "seq_mib": 512, "randread_ops": 2000,
-        "rss_mib": 2048, "scrub_commits": 400, "scale_gib": 3.0, "scale_commits": 3000, "reps": 3}
+        "rss_mib": 2048, "scrub_commits": 400, "scale_gib": 3.0, "scale_commits": 3000,
+        "space_commits": 10000, "space_mib": 256, "reps": 3}
 SMOKE = {"commits": 20, "iops_ops": 50, "iops_file_mib": 16, "seq_mib": 8, "randread_ops": 50,
-         "rss_mib": 16, "scrub_commits": 10, "scale_gib": 0.02, "scale_commits": 30, "reps": 1}
+         "rss_mib": 16, "scrub_commits": 10, "scale_gib": 0.02, "scale_commits": 30,
+         "space_commits": 30, "space_mib": 4, "reps": 1}
 HELP = {"reps": "repetitions per measurement", "commits": "commits per SQLite loop",
         "iops_ops": "4K pwrite+fdatasync ops", "iops_file_mib": "size of the preallocated 4K-write file",
         "seq_mib": "sequential file size", "randread_ops": "cold 4K random reads",
         "rss_mib": "file written while watching daemon RSS",
         "scrub_commits": "commits alone before the live scrub", "scale_gib": "GiB in the scale volume",
-        "scale_commits": "commits of the scale profile"}
+        "scale_commits": "commits of the scale profile",
+        "space_commits": "commits before the space profile's first count",
+        "space_mib": "file written once in the space profile"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,6 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--" + key.replace("_", "-"), type=type(FULL[key]),
                        help=f"{text} (default {FULL[key]})")
     p.add_argument("--no-scale", action="store_true", help="skip the scale profile")
+    p.add_argument("--no-space", action="store_true", help="skip the space profile")
     p.add_argument("--targets", default=",".join(NAMES), help=f"comma-separated subset of {','.join(NAMES)}")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                    help="the scratch directory is made (and removed) inside this one (default /var/tmp)")
@@ -251,6 +263,16 @@ def main(argv: list[str] | None = None) -> int:
             report["scale"] = {}
             measure_target(target, report["scale"], args.keep,
                            lambda: measure_scale(target, args.params, pattern))
+        report["space"] = {}
+        for n, k in ((2, 1), (3, 2)):
+            if args.no_space:
+                report["space"] = {"skipped": "--no-space"}
+                break
+            space = Lnmirror(scratch / f"space-{n}", env, n, k)
+            targets.append(space)
+            report["space"][space.name] = {}
+            measure_target(space, report["space"][space.name], args.keep,
+                           lambda space=space: measure_space(space, args.params, pattern))
     finally:
         for target in targets:
             target.close()
@@ -270,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     report["cold_cache_note"] = CACHE_NOTE[0] if CACHE_NOTE else "caches dropped before every cold step"
     report["anomalies"] = ANOMALIES
     main_table = format_table(report) if report["targets"] else ""  # --targets '': the scale profile only
-    for section in (main_table, format_scrub_live(report), format_scale(report)):
+    for section in (main_table, format_scrub_live(report), format_scale(report), format_space(report)):
         if section:
             print()
             print(section)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from . import codec
 
 MAGIC = b"LNMIRROR"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEADER_NAME = "lnmirror.hdr"
 LOG_NAME = "log"
 SPARE_LOG_NAME = "log.new"
@@ -101,10 +101,14 @@ def _checksum(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=codec.CHECKSUM_BYTES).digest()
 
 
-# ---- data slots: every block has two, so an interrupted overwrite leaves the old one intact ----
+# ---- data slots: every block has two, one in each of its inode's two slot files ----
+# A new version of a block goes to the slot the current one does not use, so an interrupted
+# overwrite leaves the old one intact; a block written once uses only slot file 0, so data
+# written once costs one slot of space, not two.
 
 _SLOT_HEAD = struct.Struct("<Q16s")
 SLOT_HEAD_SIZE = _SLOT_HEAD.size
+SLOTS = 2
 
 
 def share_size(block_size: int, k: int) -> int:
@@ -115,11 +119,13 @@ def slot_size(block_size: int, k: int) -> int:
     return SLOT_HEAD_SIZE + share_size(block_size, k)
 
 
-def slot_offset(block: int, slot: int, size: int) -> int:
-    return (2 * block + slot) * size
+def slot_offset(block: int, size: int) -> int:
+    """Where block `block`'s slot starts in either of its inode's slot files."""
+    return block * size
 
 
-SlotWrite = tuple[int, int, tuple[bytes, ...]]  # (file id, offset, the slot's buffers)
+DataFile = tuple[int, int]  # (file id, slot): one slot file
+SlotWrite = tuple[int, int, int, tuple[bytes, ...]]  # (file id, block, slot, the slot's buffers)
 
 
 def pack_slot(gen: int, checksum: bytes, share: bytes) -> tuple[bytes, bytes]:
@@ -136,8 +142,17 @@ def unpack_slot(raw: bytes) -> tuple[int, bytes, bytes]:
     return gen, checksum, raw[SLOT_HEAD_SIZE:]
 
 
-def data_name(file_id: int) -> str:
-    return f"{file_id:016x}"
+def data_name(file_id: int, slot: int) -> str:
+    return f"{file_id:016x}.{slot}"
+
+
+def parse_data_name(name: str) -> DataFile | None:
+    """(file id, slot) of a slot file's name; None for any other name."""
+    stem, dot, slot = name.partition(".")
+    if (len(stem) != 16 or dot != "." or slot not in ("0", "1")
+            or any(c not in "0123456789abcdef" for c in stem)):
+        return None
+    return int(stem, 16), int(slot)
 
 
 # ---- log records: magic, length, head, sealed ops, then this replica's inline slots ----

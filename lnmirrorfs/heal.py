@@ -66,7 +66,6 @@ async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
     if not wanted:
         return set()
     unhealed: set[Replica] = set()
-    size = volume.slot_size
     slots = [(b, entry_gen(e), entry_slot(e), volume.tree.term_of(entry_gen(e))) for b, e in wanted]
     reads = await volume.replica_set.run_jobs(
         [(r, partial(volume.reader.read_checked, r, ino, slots)) for r in targets], len(targets))
@@ -99,12 +98,11 @@ async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
             continue
         term = volume.tree.term_of(gen)
         shares = _rebuild_shares(volume, ino, block, gen, term, good)
-        offset = format.slot_offset(block, entry_slot(entry), size)
         for r in bad:
             checksum = codec.share_checksum(volume.keys, volume.volume_id, ino, block, gen, term,
                                             r.index, shares[r.index])
-            writes.setdefault(r, []).append((ino, offset, format.pack_slot(gen, checksum,
-                                                                           shares[r.index])))
+            writes.setdefault(r, []).append((ino, block, entry_slot(entry),
+                                             format.pack_slot(gen, checksum, shares[r.index])))
             healed_blocks.setdefault(r, []).append(block)
     if writes and not dry_run:
         written = await volume.replica_set.run_jobs([(r, partial(r.write_slots, slots))

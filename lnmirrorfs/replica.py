@@ -168,8 +168,8 @@ class Replica:
     _log_fd: int | None = None
     _log_end: int = 0
     _log_allocated: int = 0
-    _unsynced_files: set[int] = field(default_factory=set)
-    _cut_files: set[int] = field(default_factory=set)  # unsynced, for a background snapshot
+    _unsynced_files: set[format.DataFile] = field(default_factory=set)
+    _cut_files: set[format.DataFile] = field(default_factory=set)  # unsynced, for a background snapshot
     _log_epoch: int = 0       # bumped whenever the log file is reset or replaced
     _snapshot_lock: threading.Lock = field(default_factory=threading.Lock)
     snapshot_seq: int = 0     # the record of the snapshot on disk, once loaded or written
@@ -392,7 +392,7 @@ class Replica:
         if not inline:
             return {}
         h = self.header
-        size = format.slot_size(h.block_size, h.k)
+        size = self.slot_size
         out, pos = {}, 0
         for op in ops:
             if op["op"] != "write":
@@ -412,9 +412,7 @@ class Replica:
 
     def apply_redo(self, redo: dict[tuple[int, int, int], bytes]) -> None:
         """Copy slots that only the log holds durably into the data files, and sync them."""
-        size = format.slot_size(self.header.block_size, self.header.k)
-        self.write_slots([(ino, format.slot_offset(block, slot, size), (raw,))
-                          for (ino, block, slot), raw in redo.items()])
+        self.write_slots([(ino, block, slot, (raw,)) for (ino, block, slot), raw in redo.items()])
 
     def open_log(self, valid_end: int) -> None:
         """Open the log for appending, cutting off any torn tail (and stale zeros) first."""
@@ -461,8 +459,8 @@ class Replica:
                 fsync_dir(self.meta_path)
 
     def _sync_data_files(self) -> None:
-        for file_id in sorted(self._unsynced_files):
-            fd, _ = self._data_fd(file_id, create=False)
+        for data_file in sorted(self._unsynced_files):
+            fd, _ = self._data_fd(data_file, create=False)
             if fd is not None:
                 os.fdatasync(fd)
         if self._unsynced_files:
@@ -509,9 +507,10 @@ class Replica:
         with self._snapshot_lock:
             if self.snapshot_seq >= cut.seq or self.state != ONLINE:
                 return False  # a newer snapshot was written meanwhile, or it faulted
-            for file_id in sorted(self._cut_files):
+            for file_id, slot in sorted(self._cut_files):
                 try:
-                    fd = os.open(os.path.join(self.data_path, format.data_name(file_id)), os.O_RDONLY)
+                    fd = os.open(os.path.join(self.data_path, format.data_name(file_id, slot)),
+                                 os.O_RDONLY)
                 except FileNotFoundError:
                     continue  # freed since: no record the snapshot keeps points into it
                 try:
@@ -561,13 +560,17 @@ class Replica:
 
     # ---- data ----
 
-    def _data_fd(self, file_id: int, create: bool) -> tuple[int | None, bool]:
-        """An open fd for a data file (cached); returns (fd, created)."""
-        fd = self._data_fds.get(file_id)
+    @property
+    def slot_size(self) -> int:
+        return format.slot_size(self.header.block_size, self.header.k)
+
+    def _data_fd(self, data_file: format.DataFile, create: bool) -> tuple[int | None, bool]:
+        """An open fd for a slot file (cached); returns (fd, created)."""
+        fd = self._data_fds.get(data_file)
         if fd is not None:
-            self._data_fds.move_to_end(file_id)
+            self._data_fds.move_to_end(data_file)
             return fd, False
-        path = os.path.join(self.data_path, format.data_name(file_id))
+        path = os.path.join(self.data_path, format.data_name(*data_file))
         created = False
         try:
             fd = os.open(path, os.O_RDWR)
@@ -576,25 +579,26 @@ class Replica:
                 return None, False
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             created = True
-        self._data_fds[file_id] = fd
+        self._data_fds[data_file] = fd
         if len(self._data_fds) > _MAX_OPEN_DATA_FILES:
             os.close(self._data_fds.popitem(last=False)[1])
         return fd, created
 
     def write_slots(self, slots: list[format.SlotWrite], sync: bool = True) -> None:
-        """Write slots (file id, offset, buffers); with sync, make them and new names durable.
+        """Write slots (file id, block, slot, buffers); with sync, make them and new names durable.
 
         Without sync the caller has the same bytes durable in the log, and the next
         snapshot syncs these files before it drops that log."""
         if not os.path.isdir(self.data_path):
             raise OSError(errno.ENOENT, "replica directory vanished")
-        touched: dict[int, int] = {}
+        touched: dict[format.DataFile, int] = {}
         created = False
-        for file_id, offset, data in slots:
-            fd, new = self._data_fd(file_id, create=True)
+        size = self.slot_size
+        for file_id, block, slot, data in slots:
+            fd, new = self._data_fd((file_id, slot), create=True)
             created |= new
-            pwrite_all(fd, data, offset)
-            touched[file_id] = fd
+            pwrite_all(fd, data, format.slot_offset(block, size))
+            touched[file_id, slot] = fd
         if not sync:
             self._unsynced_files.update(touched)
             return
@@ -640,8 +644,8 @@ class Replica:
             if raw is not None:  # read-only open: this slot is durable only in the log
                 out.append(raw)
                 continue
-            fd, _ = self._data_fd(file_id, create=False)
-            out.append(b"" if fd is None else os.pread(fd, size, format.slot_offset(block, slot, size)))
+            fd, _ = self._data_fd((file_id, slot), create=False)
+            out.append(b"" if fd is None else os.pread(fd, size, format.slot_offset(block, size)))
         return out
 
     def rejoin(self, seq: int) -> None:
@@ -656,35 +660,38 @@ class Replica:
         if self.state == ONLINE and self.last_seq is not None and self.last_seq >= seq:
             job()
 
-    def truncate_data(self, file_id: int, blocks: int, size: int) -> None:
-        fd, _ = self._data_fd(file_id, create=False)
-        if fd is not None:
-            os.ftruncate(fd, format.slot_offset(blocks, 0, size))
+    def truncate_data(self, file_id: int, blocks: int) -> None:
+        for slot in range(format.SLOTS):
+            fd, _ = self._data_fd((file_id, slot), create=False)
+            if fd is not None:
+                os.ftruncate(fd, format.slot_offset(blocks, self.slot_size))
 
     def remove_data(self, file_id: int) -> None:
-        """Delete a freed inode's data file.  Freeing the extents of a big file can take
+        """Delete a freed inode's slot files.  Freeing the extents of a big file can take
         seconds (longer than the deadline on a slow disk), so this job only closes and
-        renames it; the unlink runs on the replica's housekeeping thread, off the queue
+        renames them; the unlinks run on the replica's housekeeping thread, off the queue
         that commits wait in."""
-        fd = self._data_fds.pop(file_id, None)
-        if fd is not None:
-            os.close(fd)
-        path = os.path.join(self.data_path, format.data_name(file_id))
-        try:
-            os.rename(path, path + DELETED_SUFFIX)
-        except FileNotFoundError:
-            return
-        self.housekeeper.submit(partial(unlink_quietly, path + DELETED_SUFFIX),
-                                lambda result, error: None)
+        for slot in range(format.SLOTS):
+            fd = self._data_fds.pop((file_id, slot), None)
+            if fd is not None:
+                os.close(fd)
+            path = os.path.join(self.data_path, format.data_name(file_id, slot))
+            try:
+                os.rename(path, path + DELETED_SUFFIX)
+            except FileNotFoundError:
+                continue
+            self.housekeeper.submit(partial(unlink_quietly, path + DELETED_SUFFIX),
+                                    lambda result, error: None)
 
     def deleted_leftovers(self) -> list[str]:
         """Data files renamed for deletion whose unlink a crash cut short."""
         return [os.path.join(self.data_path, name) for name in os.listdir(self.data_path)
                 if name.endswith(DELETED_SUFFIX)]
 
-    def data_files(self) -> list[int]:
-        return [int(name, 16) for name in os.listdir(self.data_path)
-                if len(name) == 16 and all(c in "0123456789abcdef" for c in name)]
+    def data_files(self) -> set[int]:
+        """The file ids that have a slot file here."""
+        return {parsed[0] for parsed in map(format.parse_data_name, os.listdir(self.data_path))
+                if parsed is not None}
 
     def probe(self) -> tuple[int, int]:
         """(total, free) bytes of the replica's filesystem, if its directory is there."""

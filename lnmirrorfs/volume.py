@@ -293,7 +293,7 @@ class Volume:
         # Small commits carry their shares in the log record: one fdatasync per replica.
         inline = len(slots[0]) <= INLINE_BLOCKS
         record = PendingRecord(head, ops, slots, inline, inos, list(freed), [
-            format.pack_record(head, sealed, b"".join(part for s in mine for part in s[2]) if inline else b"")
+            format.pack_record(head, sealed, b"".join(part for s in mine for part in s[3]) if inline else b"")
             for mine in slots])
         # Once the record is handed to the replicas it exists there: a cancelled caller
         # (shutdown, a killed scrub) must not leave it unapplied here, or the next record
@@ -413,7 +413,7 @@ class Volume:
 
     def _take_dirty(self, ino: int, plan: list[tuple[int, int, int, bytes]]) -> dict:
         """Move an inode's dirty blocks in flight and give each the slot it does not use
-        now; `plan` gets (ino, block, slot offset, data) for _encode.  Returns the write op."""
+        now; `plan` gets (ino, block, slot, data) for _encode.  Returns the write op."""
         node = self.tree.inodes[ino]
         blocks = self.dirty.pop(ino)
         inflight = self.inflight.setdefault(ino, {})
@@ -423,7 +423,7 @@ class Volume:
             inflight[index] = data
             old = node.blocks[index] if index < len(node.blocks) else HOLE
             slot = 1 - entry_slot(old) if old != HOLE else 0
-            plan.append((ino, index, format.slot_offset(index, slot, self.slot_size), data))
+            plan.append((ino, index, slot, data))
             packed.append(index << 1 | slot)
         return {"op": "write", "ino": ino, "blocks": packed,
                 "size": self.pending_size.get(ino, node.size),
@@ -441,10 +441,10 @@ class Volume:
 
     def _encode_plan(self, seq: int, plan: list[tuple[int, int, int, bytes]]) -> list[list]:
         slots: list[list[format.SlotWrite]] = [[] for _ in range(self.n)]
-        for ino, index, offset, data in plan:
+        for ino, index, slot, data in plan:
             for i, (checksum, share) in enumerate(codec.encode_block(
                     self.keys, self.volume_id, self.k, self.n, ino, index, seq, self.term, data)):
-                slots[i].append((ino, offset, format.pack_slot(seq, checksum, share)))
+                slots[i].append((ino, index, slot, format.pack_slot(seq, checksum, share)))
         return slots
 
     def _settle_inflight(self, inos: Iterable[int], cache_all: bool = True) -> None:
@@ -629,7 +629,7 @@ class Volume:
 
     def reclaim_beyond_end(self, node: Inode) -> None:
         blocks = len(node.blocks)
-        self._reclaim(lambda r: r.truncate_data(node.ino, blocks, self.slot_size))
+        self._reclaim(lambda r: r.truncate_data(node.ino, blocks))
 
     def _reclaim(self, job: Callable[[Replica], None]) -> None:
         """Queue a job that frees space on each online replica, to run only where the

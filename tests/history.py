@@ -595,20 +595,21 @@ class History:
         for name in sorted(n for n in self._data_files(index) if not n.endswith(DELETED_SUFFIX)):
             f = data / name
             raw = bytearray(f.read_bytes())
-            for slot in range(len(raw) // size):
-                if self.rng.random() < 0.2 and self._unsynced(index, name, slot):
+            for block in range(len(raw) // size):
+                if self.rng.random() < 0.2 and self._unsynced(index, name, block):
                     cut = self.rng.randrange(size)
-                    raw[slot * size + cut:(slot + 1) * size] = bytes(size - cut)
+                    raw[block * size + cut:(block + 1) * size] = bytes(size - cut)
             f.write_bytes(bytes(raw))
         self.note(f"power cut r{index}")
         self.fault("power cut")
 
-    def _unsynced(self, index: int, name: str, slot: int) -> bool:
-        """Was this slot written by a record of the open just killed (inline, not synced)?
-        A snapshot the replica wrote since (a catch-up's, a scrub's) synced it first."""
+    def _unsynced(self, index: int, name: str, block: int) -> bool:
+        """Was this block's slot in this slot file written by a record of the open just
+        killed (inline, not synced)?  A snapshot the replica wrote since (a catch-up's, a
+        scrub's) synced it first."""
         raw = (self.paths[index] / "data" / name).read_bytes()
         size = format.slot_size(BLOCK, self.k)
-        gen = format.unpack_slot(raw[slot * size:(slot + 1) * size])[0]
+        gen = format.unpack_slot(raw[block * size:(block + 1) * size])[0]
         return gen > self.synced.get(index, (self.open_seq,))[0]
 
     def note_syncs(self) -> None:

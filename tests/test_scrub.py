@@ -139,7 +139,7 @@ def test_stale_replica_is_caught_up_at_mount_with_exactly_what_it_missed(make_vo
         outs.append(tree_bytes(out))
     kept = b"k" * 8192 + b"K" * 4096 + b"k" * (40960 - 12288)
     assert outs[0] == outs[1] == outs[2] == {"after": b"a" * 9000, "kept": kept}
-    assert not (v.replicas[2] / "data" / format.data_name(2)).exists()  # "before" is gone
+    assert not (v.replicas[2] / "data" / format.data_name(2, 0)).exists()  # "before" is gone
 
 
 def test_stale_replica_with_damaged_data_is_never_read_wrong_and_scrub_heals_it(make_vol):
