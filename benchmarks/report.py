@@ -256,8 +256,8 @@ def format_space(report: dict) -> str:
             for metric, label in (
                 ("db_per_replica", f"database after {first['commits']} commits: disk / logical"),
                 ("once_per_replica", f"a {first['once_bytes'] >> 20} MiB file written once: disk / logical"))]
+    shapes = ", ".join(f"{n}: {space[n].get('description', '')}" for n in names)
     lines = ["space profile: allocated bytes of the largest replica (header, snapshot, log and slot "
-             "files) / logical bytes; fresh volumes, unmounted"]
-    header = [f"{n} ({space[n].get('description', '')})" for n in names]
-    lines += table(["per replica", "unit", *header], rows)
+             f"files) / logical bytes; fresh volumes ({shapes}), unmounted"]
+    lines += table(["per replica", "unit", *names], rows)
     return "\n".join(lines)
