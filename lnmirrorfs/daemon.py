@@ -13,7 +13,7 @@ import time
 import pyfuse3
 import trio
 
-from . import control, logsetup, scrub
+from . import control, logsetup, memory, scrub
 from .fuse_ops import Operations, mount_options
 from .volume import Volume
 
@@ -35,6 +35,7 @@ async def _writeback(volume: Volume) -> None:
                 await volume.sync()
             except OSError as exc:
                 log.error("periodic writeback failed: %s", exc)
+        memory.trim()
 
 
 async def _bring_back(volume: Volume) -> None:

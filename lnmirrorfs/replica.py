@@ -86,16 +86,22 @@ class Worker:
         return not self._thread.is_alive()
 
     def _loop(self) -> None:
-        while True:
-            job, done = self._jobs.get()
-            if job is None:
-                return
-            try:
-                result, error = job(), None
-            except BaseException as exc:  # handed to the caller, who decides
-                result, error = None, exc
-            self._submitted.popleft()
-            done(result, error)
+        while self._run_next():
+            pass
+
+    def _run_next(self) -> bool:
+        """Run one job.  A function of its own so the job (a commit's sealed blocks) is
+        dropped as soon as it is done, not kept alive until the next job arrives."""
+        job, done = self._jobs.get()
+        if job is None:
+            return False
+        try:
+            result, error = job(), None
+        except BaseException as exc:  # handed to the caller, who decides
+            result, error = None, exc
+        self._submitted.popleft()
+        done(result, error)
+        return True
 
 
 @dataclass

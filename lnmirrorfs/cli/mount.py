@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .. import control, logsetup
+from .. import control, logsetup, memory
 from ..volume import Volume, VolumeError
 from .common import CliError, apply_config, hold_daemon_lock, open_volume, volume_options
 
@@ -115,6 +115,7 @@ def mount(parsed: argparse.Namespace) -> int:
 
 def _open_for_mount(args: argparse.Namespace, mountpoint: str) -> Volume:
     args.daemon_lock = hold_daemon_lock(mountpoint)  # kept open until this process exits
+    memory.limit_arenas()  # before opening starts the replicas' threads
     volume = open_volume(args.replica, args.key_file, volume_options(args), serving=True)
     try:
         volume.members.check()

@@ -1,0 +1,40 @@
+"""The mount daemon's heap: glibc malloc tuned for a long-running, threaded process.
+
+glibc gives each thread that contends for the heap an arena of its own (up to 8 per core)
+and keeps freed memory in them. The daemon's replica and encoder threads allocate the
+sealed blocks of a commit and the event loop frees them, so a bulk write left some 20 MB of
+free but resident memory spread over arenas (measured: peak RSS writing 2 GiB, 126 MB with
+the default arenas, 104 MB with two). Elsewhere (musl, macOS) both calls do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+ARENAS = 2
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def limit_arenas() -> None:
+    """Call before the first thread starts: later arenas are not created past ARENAS."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_ARENA_MAX, ARENAS)
+
+
+def trim() -> None:
+    """Give free heap pages back to the kernel (after a bulk write left them behind)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
