@@ -21,6 +21,7 @@ log = logging.getLogger("lnmirrorfs.replicaset")
 Event = Callable[[str, str, str], None]
 HUNG_DEADLINES = 3  # a faulted replica's call hung this many deadlines: give it new threads
 MAX_ABANDONED = 4   # ...at most this many times per replica (a NAS hung for days leaks no more)
+IDLE_POLL_SECONDS = 0.05
 
 
 class ReplicaSet:
@@ -82,6 +83,12 @@ class ReplicaSet:
                     self.fault(replica, f"no answer within {self.deadline:g}s")
         self.report_changes()
         return results
+
+    async def wait_idle(self, replicas: list[Replica]) -> None:
+        """Wait, up to the deadline, until these replicas' workers have no job left."""
+        with trio.move_on_after(self.deadline):
+            while any(r.worker and r.worker.pending for r in replicas):
+                await trio.sleep(IDLE_POLL_SECONDS)
 
     def report_changes(self) -> None:
         """Tell `on_event` about replicas that faulted or came back since the last call

@@ -54,6 +54,9 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
     report = Report(dry_run=dry_run)
     started = time.monotonic()
     start_seq = volume.tree.seq
+    # A faulted replica whose fault just cleared may still be finishing the calls that
+    # hung: give it the deadline to do so rather than skip it as hung.
+    await volume.replica_set.wait_idle([r for r in volume.replicas if r.state != ONLINE])
     targets = _scrub_targets(volume)
     lagging = [r for r in targets if r.state != ONLINE]
     if lagging and not dry_run:
