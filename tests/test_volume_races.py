@@ -11,10 +11,10 @@ import trio
 import trio.testing
 
 from conftest import make_volume
-from lnmirrorfs import codec
+from lnmirrorfs import codec, scrub
 from lnmirrorfs.cli.common import read_key_file
 from lnmirrorfs.namespace import Namespace
-from lnmirrorfs.replica import Replica
+from lnmirrorfs.replica import ONLINE, Replica
 from lnmirrorfs.volume import Options, Volume
 
 
@@ -143,6 +143,32 @@ async def test_a_free_never_reaches_a_replica_that_missed_its_record(tmp_path):
         assert await alone.read(alone.tree.child(1, b"f").ino, 0, 400) == b"kept" * 100
     finally:
         alone.close()
+
+
+async def test_a_scrub_heals_a_replica_whose_hung_call_is_just_returning(tmp_path):
+    """A replica was FAULTED because a call hung; the fault clears and the call returns
+    while the operator's scrub starts.  The scrub must wait for it (up to the deadline)
+    and heal it, not skip it as still hung (CI caught that race through a mount)."""
+    volume, _, _ = open_volume(tmp_path)
+    names = Namespace(volume)
+    node = await names.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(node.ino, 0, b"d" * 9000)
+    await volume.sync(node.ino)
+    slow = volume.replicas[1]
+    hold = threading.Event()
+    slow.worker.submit(hold.wait, lambda result, error: None)
+    volume.replica_set.fault(slow, "no answer within 10s")
+
+    async def fault_clears() -> None:
+        await trio.sleep(0.3)
+        hold.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fault_clears)
+        report = await scrub.scrub(volume)
+    assert report.healed_replicas == [slow.path]
+    assert slow.state == ONLINE
+    volume.close()
 
 
 def _crash(*args, **kwargs) -> None:
