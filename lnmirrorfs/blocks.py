@@ -25,7 +25,6 @@ class BlockReader:
         self.replica_set = replica_set
         self.keys, self.volume_id, self.tree = keys, volume_id, tree
         self.k, self.n, self.block_size = k, n, block_size
-        self.slot_size = format.slot_size(block_size, k)
         self.cache_bytes = cache_bytes
         self.dirty, self.inflight = dirty, inflight   # the volume's write buffers, read here
         self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -114,7 +113,7 @@ class BlockReader:
             batch, candidates = candidates[:ask], candidates[ask:]
             wanted_slots = [(ino, index, slot) for index, _, slot in remaining]
             results = await self.replica_set.run_jobs(
-                [(r, partial(r.read_shares, wanted_slots, self.slot_size)) for r in batch],
+                [(r, partial(r.read_shares, wanted_slots)) for r in batch],
                 len(batch))
             for r, raws in results.items():
                 for (index, gen, _), raw in zip(remaining, raws, strict=True):
@@ -175,7 +174,7 @@ class BlockReader:
         and give, for each, the bytes read and the share if share_ok.  Checking there
         spreads the hashing over the replicas' threads (blake2b releases the GIL) and keeps
         it off the event loop, where a live scrub would hold up the commits."""
-        raws = r.read_slots([(ino, block, slot) for block, _, slot, _ in wanted], self.slot_size)
+        raws = r.read_slots([(ino, block, slot) for block, _, slot, _ in wanted])
         return [(len(raw), self._share_ok(r, ino, block, gen, term, raw))
                 for (block, gen, _, term), raw in zip(wanted, raws, strict=True)]
 

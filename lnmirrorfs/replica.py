@@ -633,18 +633,19 @@ class Replica:
             raise
         self.last_seq = seq
 
-    def read_shares(self, wanted: list[tuple[int, int, int]], size: int) -> list[bytes]:
+    def read_shares(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
         """read_slots for serving reads: only from an online replica, errors counted."""
         try:
             self._check_online()
-            return self.read_slots(wanted, size)
+            return self.read_slots(wanted)
         except OSError:
             self.counters.read += 1
             raise
 
-    def read_slots(self, wanted: list[tuple[int, int, int]], size: int) -> list[bytes]:
+    def read_slots(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
         """Raw slots (file id, block, slot); a missing file or slot reads as b''."""
         out = []
+        size = self.slot_size
         for file_id, block, slot in wanted:
             raw = self.overlay.get((file_id, block, slot))
             if raw is not None:  # read-only open: this slot is durable only in the log

@@ -98,7 +98,6 @@ class Volume:
         self.options = options
         self.volume_id = header.volume_id
         self.k, self.n, self.block_size = header.k, header.n, header.block_size
-        self.slot_size = format.slot_size(self.block_size, self.k)
         self.members = Membership(self.replica_set, tree, self.k, self.n)
         self.suspended = ""                      # why changes fail with EIO (quorum lost too long)
         self.waiting = ""                        # why a change is waiting for replicas

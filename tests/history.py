@@ -316,7 +316,7 @@ class History:
                     or r.index in self.away or r.index in self.data_damage
                     or r.reason.startswith(CATCH_UP_FAILED)):  # a known limit (README)
                 continue
-            seq, lost = lost_blocks(r.path, keys, format.slot_size(BLOCK, self.k))
+            seq, lost = lost_blocks(r.path, keys)
             if lost:
                 ino, block, wanted, found = lost[0]
                 self.fail(f"r{r.index}'s own state (record {seq}) lost inode {ino} block "
@@ -721,7 +721,7 @@ class History:
             self.volume = None
 
 
-def lost_blocks(path: str, keys: codec.Keys, size: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+def lost_blocks(path: str, keys: codec.Keys) -> tuple[int, list[tuple[int, int, int, int]]]:
     """The blocks a replica's own latest state points at that neither its data files nor
     its log hold: (its record, [(inode, block, generation wanted, generation found)]).
     Nothing if its metadata does not load whole (a damage of its own, found elsewhere)."""
@@ -741,7 +741,7 @@ def lost_blocks(path: str, keys: codec.Keys, size: int) -> tuple[int, list[tuple
             if not stat.S_ISREG(node.mode):
                 continue
             wanted = [(b, e) for b, e in enumerate(node.blocks) if e != HOLE]
-            raws = alone.read_slots([(ino, b, entry_slot(e)) for b, e in wanted], size)
+            raws = alone.read_slots([(ino, b, entry_slot(e)) for b, e in wanted])
             lost += [(ino, b, entry_gen(e), format.unpack_slot(raw)[0])
                      for (b, e), raw in zip(wanted, raws, strict=True)
                      if format.unpack_slot(raw)[0] != entry_gen(e)]
