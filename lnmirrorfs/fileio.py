@@ -1,8 +1,9 @@
 """File primitives the replica store and restore build on: whole writes (a filling disk
-may take part of one), durable writes, directory syncs, quiet cleanup."""
+may take part of one), durable writes, directory syncs, hole punches, quiet cleanup."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Sequence
@@ -48,6 +49,26 @@ def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
+
+
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (linux/falloc.h)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_LIBC, "fallocate64", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of [offset, offset + length): reads give zeros there, the size
+    stays.  False where the filesystem cannot (FAT, exFAT, sshfs): nothing is freed."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, f"punching a hole: {os.strerror(err)}")
 
 
 def write_zeros(fd: int, start: int, end: int) -> None:

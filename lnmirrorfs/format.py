@@ -7,15 +7,17 @@ replica module's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import math
 import struct
 from dataclasses import dataclass, field
 
 from . import codec
 
 MAGIC = b"LNMIRROR"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 HEADER_NAME = "lnmirror.hdr"
 LOG_NAME = "log"
 SPARE_LOG_NAME = "log.new"
@@ -109,29 +111,103 @@ def _checksum(body: bytes) -> bytes:
 _SLOT_HEAD = struct.Struct("<Q16s")
 SLOT_HEAD_SIZE = _SLOT_HEAD.size
 SLOTS = 2
+PAGE = 4096  # the filesystem block a hole punch frees whole
+BODY_ALIGN = 64  # a slot's body is the share's last multiple of this many bytes
 
 
 def share_size(block_size: int, k: int) -> int:
     return codec.share_length(block_size + codec.SEALED_OVERHEAD, k)
 
 
-def slot_size(block_size: int, k: int) -> int:
-    return SLOT_HEAD_SIZE + share_size(block_size, k)
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where a block's slot lies in a slot file.
 
+    A slot is its head (generation, checksum, and the first `share % 64` bytes of the share:
+    for k = 1 the AEAD's 40 bytes) and its body (the rest: for k = 1 exactly one block of
+    ciphertext).  Slots are stored in groups: the heads of `group` blocks packed in whole
+    pages, then their bodies, so bodies are page-aligned where their size allows and a
+    stale one can be punched out whole, freeing its disk blocks (`body_pages`)."""
 
-def slot_offset(block: int, size: int) -> int:
-    """Where block `block`'s slot starts in either of its inode's slot files."""
-    return block * size
+    head_size: int
+    body_size: int
+    group: int  # blocks per group
+    heads_bytes: int  # the group's head area, whole pages
+
+    @staticmethod
+    @functools.cache
+    def of(block_size: int, k: int) -> SlotLayout:
+        share = share_size(block_size, k)
+        body = share // BODY_ALIGN * BODY_ALIGN
+        head = SLOT_HEAD_SIZE + share - body
+        step = PAGE // math.gcd(body, PAGE)  # groups of bodies that fill whole pages
+        group = max(step, PAGE // head // step * step)
+        return SlotLayout(head, body, group, -(-group * head // PAGE) * PAGE)
+
+    @property
+    def size(self) -> int:
+        return self.head_size + self.body_size
+
+    def _group_start(self, block: int) -> int:
+        return block // self.group * (self.heads_bytes + self.group * self.body_size)
+
+    def head_offset(self, block: int) -> int:
+        return self._group_start(block) + block % self.group * self.head_size
+
+    def body_offset(self, block: int) -> int:
+        return self._group_start(block) + self.heads_bytes + block % self.group * self.body_size
+
+    def file_length(self, blocks: int) -> int:
+        """The length of a slot file that holds blocks [0, blocks) and nothing after."""
+        return 0 if blocks == 0 else self.body_offset(blocks - 1) + self.body_size
+
+    def blocks_in(self, length: int) -> int:
+        """How many blocks' slots start within a slot file of `length` bytes."""
+        blocks = 0
+        while self.head_offset(blocks) < length:
+            blocks += 1
+        return blocks
+
+    def body_pages(self, block: int) -> tuple[int, int]:
+        """(offset, length) of the whole pages that block's body touches."""
+        start = self.body_offset(block) // PAGE * PAGE
+        end = -(-(self.body_offset(block) + self.body_size) // PAGE) * PAGE
+        return start, end - start
+
+    def bodies_on(self, offset: int, length: int) -> range:
+        """The blocks whose bodies share a byte with [offset, offset + length)."""
+        group_bytes = self.heads_bytes + self.group * self.body_size
+        group, within = divmod(offset, group_bytes)
+        first = (within - self.heads_bytes) // self.body_size  # pages never reach the heads
+        last = (within + length - 1 - self.heads_bytes) // self.body_size
+        return range(group * self.group + first, group * self.group + last + 1)
 
 
 DataFile = tuple[int, int]  # (file id, slot): one slot file
 SlotWrite = tuple[int, int, int, tuple[bytes, ...]]  # (file id, block, slot, the slot's buffers)
+# (file id, slot, offset, length, the blocks whose bodies lie there): pages to free
+StalePages = tuple[int, int, int, int, tuple[int, ...]]
 
 
 def pack_slot(gen: int, checksum: bytes, share: bytes) -> tuple[bytes, bytes]:
     """A slot as its two buffers (written with pwritev): with k = 1 every replica's slot
     holds the same share object, so n slots cost one copy of the block, not n."""
     return _SLOT_HEAD.pack(gen, checksum), share
+
+
+def split_slot(buffers: tuple[bytes, ...], head_size: int) -> tuple[list[memoryview], list[memoryview]]:
+    """A slot's buffers cut into what goes to its head and what to its body (no copy)."""
+    head: list[memoryview] = []
+    body: list[memoryview] = []
+    room = head_size
+    for buffer in map(memoryview, buffers):
+        if room:
+            head.append(buffer[:room])
+            buffer = buffer[room:]
+            room -= len(head[-1])
+        if len(buffer):
+            body.append(buffer)
+    return head, body
 
 
 def unpack_slot(raw: bytes) -> tuple[int, bytes, bytes]:

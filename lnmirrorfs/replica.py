@@ -10,7 +10,7 @@ Layout of a replica directory:
     meta/log            sealed records after the snapshot, appended (it may still begin
                         with records the snapshot holds: a crash before the log was cut)
     meta/log.new        a zero-filled spare that becomes the log when a snapshot cuts it
-    data/<file id>      two slots per block, each holding one share
+    data/<file id>.<s>  slot file s (0, 1): slot s of every block of the inode, one share each
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -31,6 +31,7 @@ from .fileio import (
     close_all_quietly,
     close_quietly,
     fsync_dir,
+    punch_hole,
     pwrite_all,
     unlink_quietly,
     write_file_durably,
@@ -179,6 +180,7 @@ class Replica:
     _log_epoch: int = 0       # bumped whenever the log file is reset or replaced
     _snapshot_lock: threading.Lock = field(default_factory=threading.Lock)
     snapshot_seq: int = 0     # the record of the snapshot on disk, once loaded or written
+    can_punch: bool = True    # its filesystem frees a punched hole's blocks
     _lock_fd: int | None = None
     header_damage: str = ""   # why the header was refused: scrub rewrites it
     last_seq: int | None = None  # the last record durably on this replica, when known
@@ -398,7 +400,7 @@ class Replica:
         if not inline:
             return {}
         h = self.header
-        size = self.slot_size
+        size = self.layout.size
         out, pos = {}, 0
         for op in ops:
             if op["op"] != "write":
@@ -439,11 +441,13 @@ class Replica:
         os.fdatasync(self._log_fd)
         self._log_end = end
 
-    def write_snapshot(self, keys: codec.Keys, tree: Tree, sealed: bytes | None = None) -> None:
+    def write_snapshot(self, keys: codec.Keys, tree: Tree, sealed: bytes | None = None,
+                       stale: Sequence[format.StalePages] = ()) -> None:
         """Replace snapshot and empty the log; a crash in between leaves records the load skips.
 
         Slots written without fdatasync (their data was in the log) are synced first: once
-        the log is gone, the data files must hold everything on their own."""
+        the log is gone, the data files must hold everything on their own.  Then the
+        `stale` bodies are freed (free_stale)."""
         if sealed is None:
             sealed = seal_snapshot(keys, self.header.volume_id, tree)
         with self._snapshot_lock:  # after a background snapshot's part, never between
@@ -463,6 +467,7 @@ class Replica:
                 os.fsync(fd)
                 os.close(fd)
                 fsync_dir(self.meta_path)
+        self.free_stale(tree.seq, stale)
 
     def _sync_data_files(self) -> None:
         for data_file in sorted(self._unsynced_files):
@@ -476,7 +481,8 @@ class Replica:
     # ---- snapshots in the background ----
 
     def snapshot_in_background(self, seq: int, term: int, sealed: SealOnce,
-                               done: Callable[[BaseException | None], None]) -> None:
+                               done: Callable[[BaseException | None], None],
+                               stale: Sequence[format.StalePages] = ()) -> None:
         """Snapshot at record `seq` without holding up the records after it.
 
         The worker marks where the log is cut (in order with the records: right after
@@ -484,7 +490,8 @@ class Replica:
         writes the snapshot; then the worker replaces the log by the records after the cut
         (read back from it) in the zero-filled spare, renamed over it.  A crash at any
         point leaves a snapshot and a log that hold every record: the load skips those
-        the snapshot already has.  `done` gets the first error, or None, in a thread."""
+        the snapshot already has.  Last, the worker frees the `stale` bodies (free_stale).
+        `done` gets the first error, or None, in a thread."""
         def marked(cut: SnapshotCut | None, error: BaseException | None) -> None:
             if error is not None or cut is None:
                 return done(error)
@@ -494,7 +501,7 @@ class Replica:
         def written(cut: SnapshotCut, wrote: bool, error: BaseException | None) -> None:
             if error is not None or not wrote:
                 return done(error)
-            self.worker.submit(partial(self._cut_log, cut), lambda result, error: done(error))
+            self.worker.submit(partial(self._cut_log, cut, stale), lambda result, error: done(error))
 
         self.worker.submit(partial(self._mark_cut, seq), marked)
 
@@ -537,8 +544,8 @@ class Replica:
             os.close(fd)
         return True
 
-    def _cut_log(self, cut: SnapshotCut) -> None:
-        """Worker: the records after the cut become the whole log."""
+    def _cut_log(self, cut: SnapshotCut, stale: Sequence[format.StalePages]) -> None:
+        """Worker: the records after the cut become the whole log; then the stale bodies go."""
         if cut.log_epoch != self._log_epoch or self.snapshot_seq != cut.seq:
             return  # the log was reset or replaced meanwhile: nothing to cut
         tail = os.pread(self._log_fd, self._log_end - cut.log_end, cut.log_end)
@@ -559,6 +566,26 @@ class Replica:
         os.close(old)
         self._log_end, self._log_allocated = len(tail), allocated
         self._log_epoch += 1
+        self.free_stale(cut.seq, stale)
+
+    def free_stale(self, seq: int, stale: Sequence[format.StalePages]) -> None:
+        """Punch out slot bodies that the snapshot at record `seq`, now on disk here, no
+        longer needs (the volume found them in its tree at `seq`: no block has its version
+        there).  A body some record after `seq` wrote since has a higher generation in its
+        head: such pages are kept.  Runs on the worker, in order with the slot writes."""
+        if self.snapshot_seq != seq or self.state != ONLINE or not self.can_punch:
+            return
+        layout = self.layout
+        for file_id, slot, offset, length, blocks in stale:
+            fd, _ = self._data_fd((file_id, slot), create=False)
+            if fd is None:
+                continue  # freed since
+            if any(format.unpack_slot(os.pread(fd, format.SLOT_HEAD_SIZE,
+                                               layout.head_offset(b)))[0] > seq for b in blocks):
+                continue  # rewritten after the snapshot: live again
+            if not punch_hole(fd, offset, length):
+                self.can_punch = False  # FAT, exFAT, sshfs: the space stays in use
+                return
 
     @property
     def _spare_log_path(self) -> str:
@@ -567,8 +594,8 @@ class Replica:
     # ---- data ----
 
     @property
-    def slot_size(self) -> int:
-        return format.slot_size(self.header.block_size, self.header.k)
+    def layout(self) -> format.SlotLayout:
+        return format.SlotLayout.of(self.header.block_size, self.header.k)
 
     def _data_fd(self, data_file: format.DataFile, create: bool) -> tuple[int | None, bool]:
         """An open fd for a slot file (cached); returns (fd, created)."""
@@ -599,11 +626,13 @@ class Replica:
             raise OSError(errno.ENOENT, "replica directory vanished")
         touched: dict[format.DataFile, int] = {}
         created = False
-        size = self.slot_size
+        layout = self.layout
         for file_id, block, slot, data in slots:
             fd, new = self._data_fd((file_id, slot), create=True)
             created |= new
-            pwrite_all(fd, data, format.slot_offset(block, size))
+            head, body = format.split_slot(data, layout.head_size)
+            pwrite_all(fd, head, layout.head_offset(block))
+            pwrite_all(fd, body, layout.body_offset(block))
             touched[file_id, slot] = fd
         if not sync:
             self._unsynced_files.update(touched)
@@ -645,14 +674,19 @@ class Replica:
     def read_slots(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
         """Raw slots (file id, block, slot); a missing file or slot reads as b''."""
         out = []
-        size = self.slot_size
+        layout = self.layout
         for file_id, block, slot in wanted:
             raw = self.overlay.get((file_id, block, slot))
             if raw is not None:  # read-only open: this slot is durable only in the log
                 out.append(raw)
                 continue
             fd, _ = self._data_fd((file_id, slot), create=False)
-            out.append(b"" if fd is None else os.pread(fd, size, format.slot_offset(block, size)))
+            if fd is None:
+                out.append(b"")
+                continue
+            head = os.pread(fd, layout.head_size, layout.head_offset(block))
+            out.append(head + os.pread(fd, layout.body_size, layout.body_offset(block))
+                       if len(head) == layout.head_size else head)
         return out
 
     def rejoin(self, seq: int) -> None:
@@ -671,7 +705,7 @@ class Replica:
         for slot in range(format.SLOTS):
             fd, _ = self._data_fd((file_id, slot), create=False)
             if fd is not None:
-                os.ftruncate(fd, format.slot_offset(blocks, self.slot_size))
+                os.ftruncate(fd, self.layout.file_length(blocks))
 
     def remove_data(self, file_id: int) -> None:
         """Delete a freed inode's slot files.  Freeing the extents of a big file can take

@@ -43,6 +43,7 @@ from .replica import (
     seal_snapshot,
 )
 from .replicaset import ReplicaSet
+from .stale import stale_pages
 from .tree import HOLE, Inode, Tree, encode_ops, entry_slot
 
 log = logging.getLogger("lnmirrorfs.volume")
@@ -118,6 +119,7 @@ class Volume:
         self.unused: set[int] = set()            # orphans the kernel forgot: free next record
         self.log_bytes = 0
         self.snapshotting: set[Replica] = set()  # replicas writing a background snapshot
+        self.rewritten: set[tuple[int, int]] = set()  # (ino, block) overwritten since the last snapshot
         # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
         self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
         self.reader = BlockReader(self.replica_set, keys, self.volume_id, tree, self.k, self.n,
@@ -422,6 +424,8 @@ class Volume:
             inflight[index] = data
             old = node.blocks[index] if index < len(node.blocks) else HOLE
             slot = 1 - entry_slot(old) if old != HOLE else 0
+            if old != HOLE:
+                self.rewritten.add((ino, index))
             plan.append((ino, index, slot, data))
             packed.append(index << 1 | slot)
         return {"op": "write", "ino": ino, "blocks": packed,
@@ -485,10 +489,18 @@ class Volume:
         self.tree.commit = max(self.tree.commit, self.committed)
         frozen = self.tree.copy()
         sealed = SealOnce(partial(seal_snapshot, self.keys, self.volume_id, frozen))
+        stale = self._take_stale(frozen)
         for r in self.online:
             self.snapshotting.add(r)
             r.snapshot_in_background(frozen.seq, frozen.term, sealed,
-                                     partial(self._snapshot_written, r))
+                                     partial(self._snapshot_written, r), stale)
+
+    def _take_stale(self, tree: Tree) -> list[format.StalePages]:
+        """The pages the snapshot of `tree` lets each replica free.  A replica that misses
+        this snapshot keeps them (until the blocks' next versions reuse them)."""
+        stale = stale_pages(tree, self.rewritten, format.SlotLayout.of(self.block_size, self.k))
+        self.rewritten = set()
+        return stale
 
     def _snapshot_written(self, r: Replica, error: BaseException | None) -> None:
         """In the replica's thread: its part is done.  A failure faults it (the next
@@ -503,8 +515,9 @@ class Volume:
         heal): the caller waits for it."""
         sealed = self.seal_snapshot()
         targets = self.online
-        await self.replica_set.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed))
-                         for r in targets], len(targets))
+        stale = self._take_stale(self.tree)
+        await self.replica_set.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed,
+                                                     stale)) for r in targets], len(targets))
         self.log_bytes = 0
 
     # ---- file data ----

@@ -49,7 +49,7 @@ OPTIONS = {"deadline": 5.0, "suspend_timeout": 0.0, "snapshot_log_bytes": 3000}
 
 NAMES = [b"f0", b"f1", b"f2", b"f3"]
 COMMIT_FATES = ("none", "torn", "slots", "synced")  # the fates that cut the commit itself
-BLOCK = 512
+BLOCK_SIZES = (512, 4096)  # 512: many blocks per file; 4096: a body per page, punched alone
 # A catch-up that fails midway (fewer than k good shares of some block) has overwritten
 # slots the replica's own older state used: the README's known limits say so.
 CATCH_UP_FAILED = "could not be caught up"
@@ -103,9 +103,11 @@ class Stats:
 
 
 class History:
-    def __init__(self, seed: int, root: Path) -> None:
+    def __init__(self, seed: int, root: Path, block_size: int | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        # drawn apart, so a seed's history with 512-byte blocks is what it always was
+        self.block = block_size or random.Random(f"block size {seed}").choice(BLOCK_SIZES)
         self.root = root
         self.n = self.rng.choice([2, 2, 3, 3])
         self.k = self.rng.choice([1, 1, 2]) if self.n == 3 else 1
@@ -136,10 +138,10 @@ class History:
     def _create(self) -> None:
         keys = codec.Keys.derive(self.master)
         volume_id = os.urandom(16)
-        tree = Tree.new(BLOCK, 0, 0, 0, self.w)
+        tree = Tree.new(self.block, 0, 0, 0, self.w)
         for index, path in enumerate(self.paths):
             path.mkdir()
-            header = format.Header(volume_id, self.k, self.n, index, BLOCK,
+            header = format.Header(volume_id, self.k, self.n, index, self.block,
                                    codec.key_check(keys, volume_id))
             Replica.create(str(path), header, keys, tree).close()
 
@@ -151,7 +153,7 @@ class History:
         self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
 
     def fail(self, why: str) -> None:
-        raise Violation(f"seed {self.seed} (n={self.n} k={self.k}): {why}\n  steps: "
+        raise Violation(f"seed {self.seed} (n={self.n} k={self.k} block {self.block}): {why}\n  steps: "
                         + "; ".join(self.trace[-40:]))
 
     # ---- the run ----
@@ -344,8 +346,8 @@ class History:
             args = (name,)
         elif op == "write":
             name = self.rng.choice(names)
-            offset = self.rng.randrange(0, 3 * BLOCK)
-            data = bytes([self.rng.randrange(256)]) * self.rng.randrange(1, 3 * BLOCK)
+            offset = self.rng.randrange(0, 3 * self.block)
+            data = bytes([self.rng.randrange(256)]) * self.rng.randrange(1, 3 * self.block)
             old = bytearray(new[name])
             if len(old) < offset:
                 old.extend(bytes(offset - len(old)))
@@ -591,14 +593,13 @@ class History:
         for name in sorted(self._data_files(index)):  # a freed file's rename, undone
             if name.endswith(DELETED_SUFFIX) and self.rng.random() < 0.5:
                 os.replace(data / name, data / name[:-len(DELETED_SUFFIX)])
-        size = format.slot_size(BLOCK, self.k)
+        layout = format.SlotLayout.of(self.block, self.k)
         for name in sorted(n for n in self._data_files(index) if not n.endswith(DELETED_SUFFIX)):
             f = data / name
             raw = bytearray(f.read_bytes())
-            for block in range(len(raw) // size):
+            for block in range(layout.blocks_in(len(raw))):
                 if self.rng.random() < 0.2 and self._unsynced(index, name, block):
-                    cut = self.rng.randrange(size)
-                    raw[block * size + cut:(block + 1) * size] = bytes(size - cut)
+                    _tear(raw, layout, block, self.rng.randrange(layout.size))
             f.write_bytes(bytes(raw))
         self.note(f"power cut r{index}")
         self.fault("power cut")
@@ -608,8 +609,8 @@ class History:
         killed (inline, not synced)?  A snapshot the replica wrote since (a catch-up's, a
         scrub's) synced it first."""
         raw = (self.paths[index] / "data" / name).read_bytes()
-        size = format.slot_size(BLOCK, self.k)
-        gen = format.unpack_slot(raw[block * size:(block + 1) * size])[0]
+        offset = format.SlotLayout.of(self.block, self.k).head_offset(block)
+        gen = format.unpack_slot(raw[offset:offset + format.SLOT_HEAD_SIZE])[0]
         return gen > self.synced.get(index, (self.open_seq,))[0]
 
     def note_syncs(self) -> None:
@@ -750,6 +751,16 @@ def lost_blocks(path: str, keys: codec.Keys) -> tuple[int, list[tuple[int, int, 
         alone.close()
 
 
+def _tear(raw: bytearray, layout: format.SlotLayout, block: int, cut: int) -> None:
+    """A slot write torn `cut` bytes in (head, then body): the rest of it reads as zeros."""
+    for offset, size in ((layout.head_offset(block), layout.head_size),
+                         (layout.body_offset(block), layout.body_size)):
+        start, end = offset + min(cut, size), min(offset + size, len(raw))
+        if start < end:
+            raw[start:end] = bytes(end - start)
+        cut = max(0, cut - size)
+
+
 def _crash(*args, **kwargs) -> None:
     raise OSError(errno.EIO, "crash injected")
 
@@ -761,13 +772,13 @@ def _torn_append(r: Replica, where: float):
     return append
 
 
-def run_histories(seeds: range, root: Path, steps: int) -> Stats:
+def run_histories(seeds: range, root: Path, steps: int, block_size: int | None = None) -> Stats:
     total = Stats(histories=0)
     for seed in seeds:
         where = root / f"h{seed}"
         where.mkdir()
         try:
-            total.add(History(seed, where).run(steps))
+            total.add(History(seed, where, block_size).run(steps))
         finally:
             shutil.rmtree(where, ignore_errors=True)
     return total

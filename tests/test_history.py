@@ -49,7 +49,7 @@ def test_random_histories():
 
 @pytest.mark.parametrize("seed, steps, found", FOUND, ids=[str(f[0]) for f in FOUND])
 def test_histories_that_found_a_bug(seed: int, steps: int, found: str, tmp_path):
-    run_histories(range(seed, seed + 1), tmp_path, steps)
+    run_histories(range(seed, seed + 1), tmp_path, steps, block_size=512)  # as when found
 
 
 @pytest.mark.slow

@@ -92,7 +92,8 @@ def test_more_than_n_minus_k_damaged_shares_is_unrepairable(make_vol):
     assert m.unmount() == 0
     for r in v.replicas[:2]:  # 2 of 3 shares of block 0 damaged, k=2: cannot decode
         data_file = next((r / "data").iterdir())
-        flip_bytes(data_file, 5, rng, lo=format.SLOT_HEAD_SIZE, hi=format.SLOT_HEAD_SIZE + 100)
+        body = format.SlotLayout.of(4096, 2).body_offset(0)
+        flip_bytes(data_file, 5, rng, lo=body, hi=body + 100)
     before = snapshot_replicas(v)
     proc = scrub(v)
     report = json.loads(proc.stdout)

@@ -1,0 +1,37 @@
+"""Stale slot bodies: the pages a snapshot leaves no block's version in, which a replica
+may punch out to give their disk blocks back.
+
+A block overwritten once keeps its old version in the other slot until the next snapshot
+makes the log that could still need it (a replay from the older snapshot) go away; after
+it, that slot is garbage until the block's next version is written there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .format import SlotLayout, StalePages
+from .tree import HOLE, Inode, Tree, entry_slot
+
+
+def stale_pages(tree: Tree, rewritten: Iterable[tuple[int, int]],
+                layout: SlotLayout) -> list[StalePages]:
+    """The body pages that the blocks (inode, block) rewritten since the last snapshot
+    left behind, where no block of `tree` (the new snapshot's state) has its version."""
+    found: dict[tuple[int, int, int], StalePages] = {}
+    for ino, block in rewritten:
+        node = tree.inodes.get(ino)
+        if node is None or block >= len(node.blocks) or node.blocks[block] == HOLE:
+            continue  # freed or cut off since: its slot files went or were truncated
+        slot = 1 - entry_slot(node.blocks[block])
+        offset, length = layout.body_pages(block)
+        sharing = layout.bodies_on(offset, length)
+        if (ino, slot, offset) not in found and not any(_uses(node, b, slot) for b in sharing):
+            found[ino, slot, offset] = (ino, slot, offset, length, tuple(sharing))
+    return list(found.values())
+
+
+def _uses(node: Inode, block: int, slot: int) -> bool:
+    """Does the block's version live in this slot?"""
+    return (block < len(node.blocks) and node.blocks[block] != HOLE
+            and entry_slot(node.blocks[block]) == slot)
