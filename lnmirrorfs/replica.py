@@ -44,6 +44,7 @@ _MAX_OPEN_DATA_FILES = 256
 # The log grows by zero-filled chunks: appending inside already-written space changes no
 # file size, so the per-commit fdatasync has no metadata to journal.
 LOG_CHUNK = 4 << 20
+PUNCH_SLICE_SECONDS = 0.002  # the longest a worker frees stale slots before commits go again
 DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub removes leftovers)
 
 
@@ -61,6 +62,7 @@ class Worker:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._submitted: collections.deque[float] = collections.deque()  # times of unfinished jobs
+        self.stopping = False  # stop() was called: jobs submitted now would never run
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -82,6 +84,7 @@ class Worker:
     def stop(self, timeout: float) -> bool:
         """Finish the queued jobs (replicas past quorum may still be writing), then end;
         False if a job still hangs after `timeout` (the thread is left behind)."""
+        self.stopping = True
         self._jobs.put((None, None))
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -568,24 +571,48 @@ class Replica:
         self._log_epoch += 1
         self.free_stale(cut.seq, stale)
 
-    def free_stale(self, seq: int, stale: Sequence[format.StalePages]) -> None:
+    def free_stale(self, seq: int, stale: Sequence[format.StalePages], start: int = 0) -> None:
         """Punch out slot bodies that the snapshot at record `seq`, now on disk here, no
         longer needs (the volume found them in its tree at `seq`: no block has its version
         there).  A body some record after `seq` wrote since has a higher generation in its
-        head: such pages are kept.  Runs on the worker, in order with the slot writes."""
+        head: its pages are kept.  Runs on the worker, in order with the slot writes, a
+        slice at a time: the rest goes back in the queue, behind the commits that came
+        (punching out a 256 KiB run takes ~0.4 ms on ext4 here).  A stopping worker does
+        it all: the unmount's snapshot frees everything."""
         if self.snapshot_seq != seq or self.state != ONLINE or not self.can_punch:
             return
-        layout = self.layout
-        for file_id, slot, offset, length, blocks in stale:
-            fd, _ = self._data_fd((file_id, slot), create=False)
-            if fd is None:
-                continue  # freed since
-            if any(format.unpack_slot(os.pread(fd, format.SLOT_HEAD_SIZE,
-                                               layout.head_offset(b)))[0] > seq for b in blocks):
-                continue  # rewritten after the snapshot: live again
-            if not punch_hole(fd, offset, length):
+        started = time.monotonic()
+        for at in range(start, len(stale)):
+            if (self.worker is not None and not self.worker.stopping
+                    and time.monotonic() - started > PUNCH_SLICE_SECONDS):
+                self.worker.submit(partial(self.free_stale, seq, stale, at), self._punch_failed)
+                return
+            if not self._punch_run(seq, stale[at]):
                 self.can_punch = False  # FAT, exFAT, sshfs: the space stays in use
                 return
+
+    def _punch_run(self, seq: int, run: format.StalePages) -> bool:
+        """Punch a run of pages, but not those a block written after `seq` has a body on."""
+        file_id, slot, offset, length, blocks = run
+        fd, _ = self._data_fd((file_id, slot), create=False)
+        if fd is None:
+            return True  # freed since
+        layout = self.layout
+        first = layout.head_offset(blocks[0])  # a run lies in one group: its heads are in a row
+        heads = os.pread(fd, layout.head_offset(blocks[-1]) + format.SLOT_HEAD_SIZE - first, first)
+        live = {b for b in blocks
+                if format.unpack_slot(heads[layout.head_offset(b) - first:])[0] > seq}
+        keep = [page for page in range(offset, offset + length, format.PAGE)
+                if live.intersection(layout.bodies_on(page, format.PAGE))]
+        for start, end in zip([offset] + [p + format.PAGE for p in keep],
+                              keep + [offset + length], strict=True):
+            if start < end and not punch_hole(fd, start, end - start):
+                return False
+        return True
+
+    def _punch_failed(self, result: object, error: BaseException | None) -> None:
+        if error is not None and self.state == ONLINE:
+            self.mark(FAULTED, f"freeing stale slots failed: {error}")
 
     @property
     def _spare_log_path(self) -> str:

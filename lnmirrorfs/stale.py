@@ -28,7 +28,22 @@ def stale_pages(tree: Tree, rewritten: Iterable[tuple[int, int]],
         sharing = layout.bodies_on(offset, length)
         if (ino, slot, offset) not in found and not any(_uses(node, b, slot) for b in sharing):
             found[ino, slot, offset] = (ino, slot, offset, length, tuple(sharing))
-    return list(found.values())
+    return _merged(sorted(found.values()))
+
+
+def _merged(pages: list[StalePages]) -> list[StalePages]:
+    """Adjacent pages of one slot file as one run: one punch frees them all.  (Runs never
+    cross a group: its head pages lie between.)"""
+    runs: list[StalePages] = []
+    for page in pages:
+        ino, slot, offset, length, blocks = page
+        if runs and runs[-1][:2] == (ino, slot) and runs[-1][2] + runs[-1][3] == offset:
+            last = runs[-1]
+            runs[-1] = (ino, slot, last[2], last[3] + length,
+                        last[4] + tuple(b for b in blocks if b > last[4][-1]))
+        else:
+            runs.append(page)
+    return runs
 
 
 def _uses(node: Inode, block: int, slot: int) -> bool:

@@ -29,6 +29,13 @@ async def until_snapshots_written(volume: Volume) -> None:
             await trio.sleep(0.01)
 
 
+async def until_workers_idle(volume: Volume) -> None:
+    """Punching runs on the workers a slice at a time, after the snapshot."""
+    with trio.fail_after(10):
+        while any(r.worker.pending for r in volume.online):
+            await trio.sleep(0.01)
+
+
 async def test_a_file_rewritten_in_place_takes_its_size_once_after_a_snapshot(tmp_path):
     """Every block overwritten: both slot files hold a version until the snapshot, then
     the stale bodies are punched out (on ext4 or tmpfs; FAT keeps them)."""
@@ -42,6 +49,7 @@ async def test_a_file_rewritten_in_place_takes_its_size_once_after_a_snapshot(tm
     before = [allocated(r) for r in v.replicas]
     async with volume.lock:
         await volume.snapshot()
+    await until_workers_idle(volume)
     after = [allocated(r) for r in v.replicas]
     volume.close()
     assert all(b > 1.9 * 4 * MIB for b in before), before  # two versions of every block
@@ -75,10 +83,7 @@ async def test_a_stale_body_rewritten_while_the_snapshot_is_written_is_kept(tmp_
     await volume.sync(node.ino)
     hold.set()
     await until_snapshots_written(volume)
-    for r in volume.online:  # the punch job has run: it follows the log cut on the worker
-        with trio.fail_after(10):
-            while r.worker.pending:
-                await trio.sleep(0.01)
+    await until_workers_idle(volume)  # the punch has run: it follows the log cut
     volume.reader.cache.clear()
     assert await volume.read(node.ino, 0, bs) == b"C" * bs
     volume.close()
