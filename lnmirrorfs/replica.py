@@ -18,13 +18,15 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Generic, TypeVar
 
 from . import codec, format
 from .fileio import (
@@ -39,13 +41,15 @@ from .fileio import (
 )
 from .tree import Tree, TreeError, block_entry, decode_ops
 
+log = logging.getLogger("lnmirrorfs.replica")
 ONLINE, STALE, FAULTED, MISSING, OFFLINE = "ONLINE", "STALE", "FAULTED", "MISSING", "OFFLINE"
 _MAX_OPEN_DATA_FILES = 256
 # The log grows by zero-filled chunks: appending inside already-written space changes no
 # file size, so the per-commit fdatasync has no metadata to journal.
 LOG_CHUNK = 4 << 20
 PUNCH_SLICE_SECONDS = 0.002  # the longest a worker frees stale slots before commits go again
-DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub removes leftovers)
+DELETED_SUFFIX = ".deleted"
+T = TypeVar("T")  # a freed data file waiting for its unlink (scrub removes leftovers)
 
 
 class ReplicaError(Exception):
@@ -80,6 +84,10 @@ class Worker:
     def submit(self, job: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
         self._submitted.append(time.monotonic())
         self._jobs.put((job, done))
+
+    def runs_here(self) -> bool:
+        """Is this its thread (not one a replacement left behind with a hung call)?"""
+        return threading.current_thread() is self._thread
 
     def stop(self, timeout: float) -> bool:
         """Finish the queued jobs (replicas past quorum may still be writing), then end;
@@ -149,19 +157,20 @@ class SnapshotCut:
     log_epoch: int
 
 
-class SealOnce:
-    """A snapshot's sealed bytes, made by whichever replica's thread asks first."""
+class Once(Generic[T]):
+    """A snapshot's sealed bytes or stale pages, made by whichever replica's thread asks
+    first (off the event loop, once for all replicas)."""
 
-    def __init__(self, seal: Callable[[], bytes]) -> None:
-        self._seal: Callable[[], bytes] | None = seal
-        self._sealed = b""
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make: Callable[[], T] | None = make
+        self._made: T | None = None
         self._lock = threading.Lock()
 
-    def __call__(self) -> bytes:
+    def __call__(self) -> T:
         with self._lock:
-            if self._seal is not None:
-                self._sealed, self._seal = self._seal(), None
-            return self._sealed
+            if self._make is not None:
+                self._made, self._make = self._make(), None
+            return self._made
 
 
 @dataclass(eq=False)  # identity semantics: replicas are dict keys
@@ -445,7 +454,7 @@ class Replica:
         self._log_end = end
 
     def write_snapshot(self, keys: codec.Keys, tree: Tree, sealed: bytes | None = None,
-                       stale: Sequence[format.StalePages] = ()) -> None:
+                       stale: Once[list[format.StalePages]] | None = None) -> None:
         """Replace snapshot and empty the log; a crash in between leaves records the load skips.
 
         Slots written without fdatasync (their data was in the log) are synced first: once
@@ -470,7 +479,8 @@ class Replica:
                 os.fsync(fd)
                 os.close(fd)
                 fsync_dir(self.meta_path)
-        self.free_stale(tree.seq, stale)
+        if stale is not None:
+            self.free_stale(tree.seq, stale)
 
     def _sync_data_files(self) -> None:
         for data_file in sorted(self._unsynced_files):
@@ -483,9 +493,9 @@ class Replica:
 
     # ---- snapshots in the background ----
 
-    def snapshot_in_background(self, seq: int, term: int, sealed: SealOnce,
+    def snapshot_in_background(self, seq: int, term: int, sealed: Once[bytes],
                                done: Callable[[BaseException | None], None],
-                               stale: Sequence[format.StalePages] = ()) -> None:
+                               stale: Once[list[format.StalePages]]) -> None:
         """Snapshot at record `seq` without holding up the records after it.
 
         The worker marks where the log is cut (in order with the records: right after
@@ -518,7 +528,7 @@ class Replica:
             self._unsynced_files = set()
             return SnapshotCut(seq, self._log_end, self._log_epoch)
 
-    def _write_cut_snapshot(self, cut: SnapshotCut, term: int, sealed: SealOnce) -> bool:
+    def _write_cut_snapshot(self, cut: SnapshotCut, term: int, sealed: Once[bytes]) -> bool:
         """Housekeeper: sync the data up to the cut, write the snapshot, make the spare log."""
         with self._snapshot_lock:
             if self.snapshot_seq >= cut.seq or self.state != ONLINE:
@@ -547,7 +557,7 @@ class Replica:
             os.close(fd)
         return True
 
-    def _cut_log(self, cut: SnapshotCut, stale: Sequence[format.StalePages]) -> None:
+    def _cut_log(self, cut: SnapshotCut, stale: Once[list[format.StalePages]]) -> None:
         """Worker: the records after the cut become the whole log; then the stale bodies go."""
         if cut.log_epoch != self._log_epoch or self.snapshot_seq != cut.seq:
             return  # the log was reset or replaced meanwhile: nothing to cut
@@ -571,24 +581,31 @@ class Replica:
         self._log_epoch += 1
         self.free_stale(cut.seq, stale)
 
-    def free_stale(self, seq: int, stale: Sequence[format.StalePages], start: int = 0) -> None:
+    def free_stale(self, seq: int, stale: Once[list[format.StalePages]], start: int = 0) -> None:
         """Punch out slot bodies that the snapshot at record `seq`, now on disk here, no
         longer needs (the volume found them in its tree at `seq`: no block has its version
         there).  A body some record after `seq` wrote since has a higher generation in its
         head: its pages are kept.  Runs on the worker, in order with the slot writes, a
         slice at a time: the rest goes back in the queue, behind the commits that came
         (punching out a 256 KiB run takes ~0.4 ms on ext4 here).  A stopping worker does
-        it all: the unmount's snapshot frees everything."""
-        if self.snapshot_seq != seq or self.state != ONLINE or not self.can_punch:
-            return
-        started = time.monotonic()
-        for at in range(start, len(stale)):
+        it all: the unmount's snapshot frees everything.  A snapshot written since changes
+        nothing: what no block used at `seq` and nothing wrote after it is unused still."""
+        if (self.snapshot_seq < seq or self.state != ONLINE or not self.can_punch
+                or (self.worker is not None and not self.worker.runs_here())):
+            return  # not its state, faulted, or an abandoned worker's thread come back
+        started, runs = time.monotonic(), stale()
+        for at in range(start, len(runs)):
             if (self.worker is not None and not self.worker.stopping
                     and time.monotonic() - started > PUNCH_SLICE_SECONDS):
-                self.worker.submit(partial(self.free_stale, seq, stale, at), self._punch_failed)
+                self.worker.submit(partial(self.free_stale, seq, stale, at),
+                                   lambda result, error: None)
                 return
-            if not self._punch_run(seq, stale[at]):
-                self.can_punch = False  # FAT, exFAT, sshfs: the space stays in use
+            try:
+                if not self._punch_run(seq, runs[at]):
+                    self.can_punch = False  # FAT, exFAT, sshfs: the space stays in use
+                    return
+            except OSError as exc:  # a full copy-on-write filesystem: the space stays, for now
+                log.warning("replica %s: stale slots not freed: %s", self.path, exc)
                 return
 
     def _punch_run(self, seq: int, run: format.StalePages) -> bool:
@@ -609,10 +626,6 @@ class Replica:
             if start < end and not punch_hole(fd, start, end - start):
                 return False
         return True
-
-    def _punch_failed(self, result: object, error: BaseException | None) -> None:
-        if error is not None and self.state == ONLINE:
-            self.mark(FAULTED, f"freeing stale slots failed: {error}")
 
     @property
     def _spare_log_path(self) -> str:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .format import SlotLayout, StalePages
+from .format import PAGE, SlotLayout, StalePages
 from .tree import HOLE, Inode, Tree, entry_slot
 
 
 def stale_pages(tree: Tree, rewritten: Iterable[tuple[int, int]],
                 layout: SlotLayout) -> list[StalePages]:
     """The body pages that the blocks (inode, block) rewritten since the last snapshot
-    left behind, where no block of `tree` (the new snapshot's state) has its version."""
+    left behind, where no block of `tree` (the new snapshot's state) has its version, in
+    runs of adjacent pages."""
+    if layout.body_size == 0:
+        return []  # shares of under 64 bytes live in the heads: nothing to punch
     found: dict[tuple[int, int, int], StalePages] = {}
     for ino, block in rewritten:
         node = tree.inodes.get(ino)
@@ -25,9 +28,10 @@ def stale_pages(tree: Tree, rewritten: Iterable[tuple[int, int]],
             continue  # freed or cut off since: its slot files went or were truncated
         slot = 1 - entry_slot(node.blocks[block])
         offset, length = layout.body_pages(block)
-        sharing = layout.bodies_on(offset, length)
-        if (ino, slot, offset) not in found and not any(_uses(node, b, slot) for b in sharing):
-            found[ino, slot, offset] = (ino, slot, offset, length, tuple(sharing))
+        for page in range(offset, offset + length, PAGE):
+            sharing = layout.bodies_on(page, PAGE)
+            if (ino, slot, page) not in found and not any(_uses(node, b, slot) for b in sharing):
+                found[ino, slot, page] = (ino, slot, page, PAGE, tuple(sharing))
     return _merged(sorted(found.values()))
 
 
@@ -40,7 +44,7 @@ def _merged(pages: list[StalePages]) -> list[StalePages]:
         if runs and runs[-1][:2] == (ino, slot) and runs[-1][2] + runs[-1][3] == offset:
             last = runs[-1]
             runs[-1] = (ino, slot, last[2], last[3] + length,
-                        last[4] + tuple(b for b in blocks if b > last[4][-1]))
+                        last[4] + tuple(b for b in blocks if b > last[4][-1]))  # sorted
         else:
             runs.append(page)
     return runs

@@ -38,8 +38,8 @@ from .replica import (
     ONLINE,
     STALE,
     Counters,
+    Once,
     Replica,
-    SealOnce,
     seal_snapshot,
 )
 from .replicaset import ReplicaSet
@@ -49,6 +49,9 @@ from .tree import HOLE, Inode, Tree, encode_ops, entry_slot
 log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
 INLINE_BLOCKS = 64  # commits of up to this many blocks write their data into the log too
+# Blocks overwritten since the last snapshot that trigger the next one (a big file rewritten
+# grows the log little): bounds the set (~160 B a block) and the stale slot bodies kept.
+SNAPSHOT_REWRITTEN_BLOCKS = 32768
 RETRY_SECONDS = 1.0  # how often a change that waits for W replicas looks for returning ones
 
 
@@ -392,7 +395,8 @@ class Volume:
         for node in record.freed:
             self.forget(node)
         self.log_bytes += len(record.records[0])
-        if self.log_bytes > self.options.snapshot_log_bytes:
+        if (self.log_bytes > self.options.snapshot_log_bytes
+                or len(self.rewritten) > SNAPSHOT_REWRITTEN_BLOCKS):
             self._snapshot_in_background()
 
     def _acknowledged(self, seq: int) -> None:
@@ -488,17 +492,20 @@ class Volume:
         self.log_bytes = 0
         self.tree.commit = max(self.tree.commit, self.committed)
         frozen = self.tree.copy()
-        sealed = SealOnce(partial(seal_snapshot, self.keys, self.volume_id, frozen))
+        sealed = Once(partial(seal_snapshot, self.keys, self.volume_id, frozen))
         stale = self._take_stale(frozen)
         for r in self.online:
             self.snapshotting.add(r)
             r.snapshot_in_background(frozen.seq, frozen.term, sealed,
                                      partial(self._snapshot_written, r), stale)
 
-    def _take_stale(self, tree: Tree) -> list[format.StalePages]:
-        """The pages the snapshot of `tree` lets each replica free.  A replica that misses
-        this snapshot keeps them (until the blocks' next versions reuse them)."""
-        stale = stale_pages(tree, self.rewritten, format.SlotLayout.of(self.block_size, self.k))
+    def _take_stale(self, tree: Tree) -> Once[list[format.StalePages]]:
+        """The pages the snapshot of `tree` lets each replica free, found by the first
+        replica thread that asks (`tree` does not change until all have: a frozen copy, or
+        the volume's own under the volume lock).  A replica that misses this snapshot
+        keeps them (until the blocks' next versions reuse them)."""
+        stale = Once(partial(stale_pages, tree, self.rewritten,
+                             format.SlotLayout.of(self.block_size, self.k)))
         self.rewritten = set()
         return stale
 
@@ -512,7 +519,7 @@ class Volume:
 
     async def snapshot(self) -> None:
         """Write the whole tree to every online replica and empty their logs (unmount,
-        heal): the caller waits for it."""
+        import): the caller holds the volume lock and waits for it."""
         sealed = self.seal_snapshot()
         targets = self.online
         stale = self._take_stale(self.tree)

@@ -1,11 +1,14 @@
 """Stale slot bodies are punched out after a snapshot, in-process on real replica
-directories: the space comes back, and a body rewritten meanwhile is never punched."""
+directories: the space comes back, and a body rewritten meanwhile is never punched; and
+the pages chosen, against a brute force."""
 
 from __future__ import annotations
 
 import os
+import random
 import stat
 import threading
+from array import array
 from pathlib import Path
 
 import trio
@@ -14,6 +17,8 @@ from conftest import make_volume
 from lnmirrorfs import format
 from lnmirrorfs.cli.common import read_key_file
 from lnmirrorfs.namespace import Namespace
+from lnmirrorfs.stale import stale_pages
+from lnmirrorfs.tree import HOLE, Inode, Tree, block_entry, entry_slot
 from lnmirrorfs.volume import Options, Volume
 
 MIB = 1 << 20
@@ -97,3 +102,50 @@ async def test_a_stale_body_rewritten_while_the_snapshot_is_written_is_kept(tmp_
         assert await again.read(node.ino, 0, bs) == b"C" * bs
     finally:
         again.close()
+
+
+def test_stale_pages_free_exactly_the_pages_no_current_body_touches():
+    """Random block maps, layouts and rewritten sets, against a brute force over bytes:
+    a page is listed if and only if it holds the stale body of a rewritten block and no
+    body current in that slot file touches it."""
+    rng = random.Random(1303)
+    for _ in range(2000):
+        block_size, k = rng.choice([512, 1024, 4096, 65536]), rng.randrange(1, 9)
+        layout = format.SlotLayout.of(block_size, k)
+        tree = Tree.new(block_size, 0, 0, 0, 1)
+        node = Inode(2, stat.S_IFREG | 0o644, 0, 0)
+        node.blocks.extend(rng.choice([HOLE, block_entry(rng.randrange(1, 99), rng.randrange(2))])
+                           for _ in range(rng.randrange(1, 3 * layout.group)))
+        tree.inodes[2] = node
+        rewritten = {(2, rng.randrange(len(node.blocks) + 2)) for _ in range(rng.randrange(1, 40))}
+        listed = {(slot, page) for _, slot, offset, length, blocks in
+                  stale_pages(tree, rewritten, layout)
+                  for page in range(offset, offset + length, format.PAGE)}
+        assert listed == brute_force_stale(node, {b for _, b in rewritten}, layout)
+
+
+def brute_force_stale(node: Inode, rewritten: set[int], layout: format.SlotLayout) -> set:
+    def body(b: int) -> range:
+        return range(layout.body_offset(b), layout.body_offset(b) + layout.body_size)
+
+    def touches(b: int, page: int) -> bool:
+        return max(page, body(b).start) < min(page + format.PAGE, body(b).stop)
+
+    expected = set()
+    for b in rewritten:
+        if b >= len(node.blocks) or node.blocks[b] == HOLE:
+            continue
+        slot = 1 - entry_slot(node.blocks[b])
+        for page in range(body(b).start // format.PAGE * format.PAGE, body(b).stop, format.PAGE):
+            if not any(touches(c, page) for c, e in enumerate(node.blocks)
+                       if e != HOLE and entry_slot(e) == slot):
+                expected.add((slot, page))
+    return expected
+
+
+def test_shares_too_small_for_a_body_punch_nothing():
+    layout = format.SlotLayout.of(512, 12)  # 46-byte shares: all in the heads
+    assert layout.body_size == 0
+    tree = Tree.new(512, 0, 0, 0, 1)
+    tree.inodes[2] = Inode(2, stat.S_IFREG | 0o644, 0, 0, blocks=array("Q", [block_entry(3, 1)]))
+    assert stale_pages(tree, {(2, 0)}, layout) == []
