@@ -17,6 +17,8 @@ from .tree import HOLE, Inode, Tree, entry_gen, entry_slot
 
 log = logging.getLogger("lnmirrorfs.blocks")
 
+SPREAD_BLOCKS = 16  # a read of this many blocks or more is spread over the replicas
+
 
 class BlockReader:
     def __init__(self, replica_set: ReplicaSet, keys: codec.Keys, volume_id: bytes,
@@ -99,68 +101,92 @@ class BlockReader:
         return (await self.read_blocks(node, [index]))[index]
 
     async def _fetch_blocks(self, ino: int, wanted: list[tuple[int, int, int]]) -> dict[int, bytes]:
-        """Read shares of (block, generation, slot)s from the least busy online replicas,
-        check each, and decode every block from k good shares (asking more replicas for
-        blocks that lack them).  With k = 1 a share is the whole sealed block, whose AEAD
-        tag already tells a bad one: its checksum is not computed (a third of a cold read's
-        CPU); a share that does not decrypt counts as bad and the next replica is asked."""
-        candidates = sorted(self.replica_set.online, key=lambda r: r.worker.pending)
-        shares: dict[int, dict[int, tuple[Replica, bytes]]] = {index: {} for index, _, _ in wanted}
+        """Read shares of (block, generation, slot)s from the online replicas, check each,
+        and decode every block from k good shares, asking further replicas for blocks that
+        lack them.  The checks run in the replicas' threads (_read_verified); a big read is
+        cut into as many runs as there are replicas, each run starting at another one, so
+        its reads and its CPU spread over all their threads at once."""
+        shares: dict[int, dict[int, bytes]] = {index: {} for index, _, _ in wanted}
+        tried: dict[int, set[Replica]] = {index: set() for index, _, _ in wanted}
         out: dict[int, bytes] = {}
-        remaining = wanted
-        while remaining and candidates:
-            ask = self.k - min(len(shares[index]) for index, _, _ in remaining)
-            batch, candidates = candidates[:ask], candidates[ask:]
-            wanted_slots = [(ino, index, slot) for index, _, slot in remaining]
+        remaining = [(index, gen, slot, self.tree.term_of(gen)) for index, gen, slot in wanted]
+        while remaining:
+            asks = self._plan_asks(remaining, shares, tried)
+            if not asks:
+                break
             results = await self.replica_set.run_jobs(
-                [(r, partial(r.read_shares, wanted_slots)) for r in batch],
-                len(batch))
-            for r, raws in results.items():
-                for (index, gen, _), raw in zip(remaining, raws, strict=True):
-                    share = self._checked_share(r, ino, index, gen, raw)
-                    if share is not None:
-                        shares[index][r.index] = (r, share)
-            for index, gen, _ in remaining:
-                if len(shares[index]) >= self.k:
-                    self._decode(ino, index, gen, shares[index], out)
+                [(r, partial(self._read_verified, r, ino, items)) for r, items in asks.items()],
+                len(asks))
+            for r, verified in results.items():
+                for (index, *_), got in zip(asks[r], verified, strict=True):
+                    if got is None:
+                        self._bad_share(r, ino, index)
+                    elif self.k == 1:
+                        out[index] = got
+                    else:
+                        shares[index][r.index] = got
+            for index, gen, _, term in remaining:
+                if index not in out and len(shares[index]) >= self.k:
+                    out[index] = self._decode(ino, index, gen, term, shares[index])
             remaining = [w for w in remaining if w[0] not in out]
         if remaining:
             raise OSError(errno.EIO, f"block {remaining[0][0]} of inode {ino}: fewer than "
                                      f"k={self.k} good shares")
         return out
 
-    def _decode(self, ino: int, index: int, gen: int, shares: dict[int, tuple[Replica, bytes]],
-                out: dict[int, bytes]) -> None:
+    def _plan_asks(self, remaining: list[tuple[int, int, int, int]],
+                   shares: dict[int, dict[int, bytes]],
+                   tried: dict[int, set[Replica]]) -> dict[Replica, list[tuple[int, int, int, int]]]:
+        """Which replica to ask for which blocks this round: each block the shares it lacks
+        from replicas not asked for it yet, least busy first, the i-th of `spread` runs of
+        blocks starting at the i-th replica (blocks stay in order: a run is one pread)."""
+        online = sorted(self.replica_set.online, key=lambda r: r.worker.pending)
+        spread = len(online) if len(remaining) >= SPREAD_BLOCKS else 1
+        asks: dict[Replica, list[tuple[int, int, int, int]]] = {}
+        for position, item in enumerate(remaining):
+            index = item[0]
+            turn = position * spread // len(remaining)
+            untried = [r for r in online[turn:] + online[:turn] if r not in tried[index]]
+            for r in untried[:self.k - len(shares[index])]:
+                asks.setdefault(r, []).append(item)
+                tried[index].add(r)
+        return asks
+
+    def _read_verified(self, r: Replica, ino: int,
+                       wanted: list[tuple[int, int, int, int]]) -> list[bytes | None]:
+        """A job for r's worker thread: for each (block, generation, slot, term), the share
+        if its generation and checksum hold, or None.  With k = 1 a share is the whole
+        sealed block, whose AEAD tag already tells a bad one: its checksum is not computed
+        (a third of a cold read's CPU), the block is decrypted here instead."""
+        raws = r.read_shares([(ino, block, slot) for block, _, slot, _ in wanted])
+        check = self._opened if self.k == 1 else partial(self._share_ok, r)
+        return [check(ino, block, gen, term, raw)
+                for (block, gen, _, term), raw in zip(wanted, raws, strict=True)]
+
+    def _opened(self, ino: int, index: int, gen: int, term: int, raw: bytes) -> bytes | None:
+        """The plaintext of a k = 1 slot, or None if it is another generation or forged."""
+        got_gen, _, sealed = format.unpack_slot(raw)
+        if got_gen != gen:
+            return None
         try:
-            out[index] = codec.decode_block(
-                self.keys, self.volume_id, self.k, self.n, ino, index, gen, self.tree.term_of(gen),
-                {i: share for i, (_, share) in shares.items()}, self.block_size)
+            return codec.decrypt_block(self.keys, self.volume_id, ino, index, gen, term, sealed)
+        except codec.CodecError:
+            return None
+
+    def _decode(self, ino: int, index: int, gen: int, term: int, shares: dict[int, bytes]) -> bytes:
+        """A block from k shares whose checksums held (k > 1): if it does not decrypt, no
+        share is to blame and the block is lost."""
+        try:
+            return codec.decode_block(self.keys, self.volume_id, self.k, self.n, ino, index,
+                                      gen, term, shares, self.block_size)
         except codec.CodecError as exc:
-            if self.k > 1:  # every share's checksum held: not a bad share, a bad block
-                log.error("inode %d block %d: shares verified but block does not decrypt: %s",
-                          ino, index, exc)
-                raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
-            (r, _), = shares.values()
-            shares.clear()
-            self._bad_share(r, ino, index)
-
-    def _checked_share(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
-        """share_ok, or with k = 1 only the generation (decryption checks the rest)."""
-        if self.k == 1:
-            got_gen, _, share = format.unpack_slot(raw)
-            share = share if got_gen == gen else None
-        else:
-            share = self.share_ok(r, ino, index, gen, raw)
-        if share is None:
-            self._bad_share(r, ino, index)
-        return share
-
-    def share_ok(self, r: Replica, ino: int, index: int, gen: int, raw: bytes) -> bytes | None:
-        """The share in a raw slot if it is the right generation and its checksum holds."""
-        return self._share_ok(r, ino, index, gen, self.tree.term_of(gen), raw)
+            log.error("inode %d block %d: shares verified but block does not decrypt: %s",
+                      ino, index, exc)
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
 
     def _share_ok(self, r: Replica, ino: int, index: int, gen: int, term: int,
                   raw: bytes) -> bytes | None:
+        """The share in a raw slot if it is the right generation and its checksum holds."""
         got_gen, checksum, share = format.unpack_slot(raw)
         if got_gen != gen:
             return None
@@ -171,7 +197,7 @@ class BlockReader:
     def read_checked(self, r: Replica, ino: int,
                      wanted: list[tuple[int, int, int, int]]) -> list[tuple[int, bytes | None]]:
         """A job for r's worker thread: read the slots of (block, generation, slot, term)s
-        and give, for each, the bytes read and the share if share_ok.  Checking there
+        and give, for each, the bytes read and the share if _share_ok.  Checking there
         spreads the hashing over the replicas' threads (blake2b releases the GIL) and keeps
         it off the event loop, where a live scrub would hold up the commits."""
         raws = r.read_slots([(ino, block, slot) for block, _, slot, _ in wanted])

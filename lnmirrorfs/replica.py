@@ -712,22 +712,38 @@ class Replica:
             raise
 
     def read_slots(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
-        """Raw slots (file id, block, slot); a missing file or slot reads as b''."""
-        out = []
+        """Raw slots (file id, block, slot); a missing file or slot reads as b''.  Slots of
+        consecutive blocks in one group are read with one pread for their heads and one for
+        their bodies (a 1 MiB read: 8 preads, not 512)."""
+        out: list[bytes] = []
         layout = self.layout
-        for file_id, block, slot in wanted:
-            raw = self.overlay.get((file_id, block, slot))
+        pos = 0
+        while pos < len(wanted):
+            file_id, block, slot = wanted[pos]
+            raw = self.overlay.get(wanted[pos])
             if raw is not None:  # read-only open: this slot is durable only in the log
                 out.append(raw)
+                pos += 1
                 continue
+            count = self._run_length(wanted, pos, layout.group)
             fd, _ = self._data_fd((file_id, slot), create=False)
             if fd is None:
-                out.append(b"")
-                continue
-            head = os.pread(fd, layout.head_size, layout.head_offset(block))
-            out.append(head + os.pread(fd, layout.body_size, layout.body_offset(block))
-                       if len(head) == layout.head_size else head)
+                out.extend([b""] * count)
+            else:
+                out.extend(_read_run(fd, layout, block, count))
+            pos += count
         return out
+
+    def _run_length(self, wanted: list[tuple[int, int, int]], pos: int, group: int) -> int:
+        """How many of wanted[pos:] are consecutive blocks of one slot file and group,
+        none of them in the overlay."""
+        file_id, first, slot = wanted[pos]
+        count = 1
+        while (pos + count < len(wanted) and wanted[pos + count] == (file_id, first + count, slot)
+               and (first + count) // group == first // group
+               and wanted[pos + count] not in self.overlay):
+            count += 1
+        return count
 
     def rejoin(self, seq: int) -> None:
         """Back in service after a heal gave it the current snapshot and an empty log."""
@@ -793,6 +809,20 @@ class Replica:
                 "header_damage": self.header_damage,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
+
+
+def _read_run(fd: int, layout: format.SlotLayout, first: int, count: int) -> list[bytes]:
+    """The raw slots of blocks first .. first + count - 1, all in one group: a slot whose
+    head is cut short by the end of the file is returned as far as it goes."""
+    heads = os.pread(fd, count * layout.head_size, layout.head_offset(first))
+    bodies = os.pread(fd, count * layout.body_size, layout.body_offset(first)) if len(heads) else b""
+    out = []
+    for i in range(count):
+        head = heads[i * layout.head_size:(i + 1) * layout.head_size]
+        if len(head) == layout.head_size:
+            head += bodies[i * layout.body_size:(i + 1) * layout.body_size]
+        out.append(head)
+    return out
 
 
 def still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:

@@ -105,6 +105,27 @@ def test_more_than_n_minus_k_damaged_shares_is_unrepairable(make_vol):
             assert data == before[key]
 
 
+def test_a_read_spread_over_the_replicas_falls_back_block_by_block(make_vol, tmp_path):
+    """A 1 MiB read is cut into one run per replica; a bad block in either run is read from
+    the other replica, whichever run each replica was given."""
+    rng = random.Random(11)
+    v = make_vol(n=2, k=1)
+    m = v.mount()
+    data = rng.randbytes(64 * 4096)
+    (m.path / "big").write_bytes(data)
+    assert m.unmount() == 0
+    layout = format.SlotLayout.of(4096, 1)
+    for r, blocks in zip(v.replicas, [(5, 60), (6, 61)], strict=True):
+        for data_file in (r / "data").iterdir():
+            for block in blocks:
+                body = layout.body_offset(block)
+                flip_bytes(data_file, 3, rng, lo=body, hi=body + layout.body_size)
+    v.restore(tmp_path / "out")
+    assert (tmp_path / "out" / "big").read_bytes() == data
+    report = json.loads(scrub(v).stdout)
+    assert report["bad_shares"] == 4 and not report["unrepairable"], report
+
+
 def test_stale_replica_is_caught_up_at_mount_with_exactly_what_it_missed(make_vol, tmp_path):
     v = make_vol(n=3, k=1)
     m = v.mount()
