@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import zfec
-from nacl.bindings import (
-    crypto_aead_xchacha20poly1305_ietf_decrypt as _aead_decrypt,
-)
-from nacl.bindings import (
-    crypto_aead_xchacha20poly1305_ietf_encrypt as _aead_encrypt,
-)
-from nacl.exceptions import CryptoError
+
+# pynacl's own cffi binding of libsodium: nacl.bindings makes the same calls, but copies
+# every input to bytes and checks each argument in Python, 40% of a 4 KiB block's time;
+# here the buffers are passed as they are (the GIL is released during each call).
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _sodium
+from nacl.bindings import sodium_init
+
+sodium_init()  # picks the CPU's fastest implementations (idempotent)
 
 KEY_BYTES = 32
 NONCE_BYTES = 24
@@ -124,18 +126,43 @@ def decode_paper_key(text: str) -> bytes:
 
 # ---- authenticated encryption ----
 
-def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + _aead_encrypt(bytes(plaintext), aad, nonce, key)
+Buffer = bytes | bytearray | memoryview
 
 
-def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+def _seal(key: bytes, plaintext: Buffer, aad: bytes) -> bytes:
+    """nonce || XChaCha20-Poly1305(plaintext, aad)."""
+    _check_key(key)
+    out = bytearray(NONCE_BYTES + len(plaintext) + TAG_BYTES)
+    out[:NONCE_BYTES] = os.urandom(NONCE_BYTES)
+    buf = _ffi.from_buffer(out)
+    _sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        buf + NONCE_BYTES, _ffi.NULL, _ffi.from_buffer(plaintext), len(plaintext),
+        aad, len(aad), _ffi.NULL, buf, key)
+    return bytes(out)
+
+
+def _open(key: bytes, sealed: Buffer, aad: bytes) -> bytes:
+    _check_key(key)
     if len(sealed) < SEALED_OVERHEAD:
         raise CodecError("sealed data too short")
-    try:
-        return _aead_decrypt(bytes(sealed[NONCE_BYTES:]), aad, bytes(sealed[:NONCE_BYTES]), key)
-    except CryptoError:
-        raise CodecError("authentication failed") from None
+    out = bytearray(len(sealed) - SEALED_OVERHEAD)
+    src = _ffi.from_buffer(sealed)
+    if _sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            _ffi.from_buffer(out), _ffi.NULL, _ffi.NULL, src + NONCE_BYTES,
+            len(sealed) - NONCE_BYTES, aad, len(aad), src, key) != 0:
+        raise CodecError("authentication failed")
+    return bytes(out)
+
+
+def _check_key(key: bytes) -> None:
+    # libsodium reads KEY_BYTES from the pointer whatever the buffer's length.
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+
+
+assert _sodium.crypto_aead_xchacha20poly1305_ietf_npubbytes() == NONCE_BYTES
+assert _sodium.crypto_aead_xchacha20poly1305_ietf_abytes() == TAG_BYTES
+assert _sodium.crypto_aead_xchacha20poly1305_ietf_keybytes() == KEY_BYTES
 
 
 _BLOCK_AAD = struct.Struct("<16sQQQQ")

@@ -8,6 +8,7 @@ so a restore that finishes is a restore whose every byte was authenticated.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import socket
@@ -22,7 +23,7 @@ from .tree import Inode
 from .volume import Volume
 
 CHUNK = 1 << 20
-READ_AHEAD_CHUNKS = 2  # chunks read while one is being written
+READ_AHEAD_CHUNKS = 4  # chunks being read while one is written
 
 
 class RestoreError(Exception):
@@ -85,19 +86,21 @@ class _Meter:
 
 
 async def _restore_file(volume: Volume, node: Inode, path: str, meter: _Meter) -> int:
-    """Copy one file out.  The next chunks are read (in the replicas' threads) while this
-    one is written (in a thread of its own), and its writeback starts at once: a restore
-    waits for the slowest of the three, not for their sum."""
+    """Copy one file out.  READ_AHEAD_CHUNKS chunks are being read (in the replicas'
+    threads) while one is written (in a thread of its own) and its writeback starts at
+    once: a restore waits for the slowest of the three, not for their sum."""
     size = volume.size_of(node)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         async with trio.open_nursery() as nursery:
-            send, receive = trio.open_memory_channel[tuple[int, bytes]](READ_AHEAD_CHUNKS)
-            nursery.start_soon(_read_chunks, volume, node.ino, size, send)
-            async with receive:
-                async for offset, data in receive:
-                    await trio.to_thread.run_sync(_write_chunk, fd, data, offset)
-                    meter.add(len(data))
+            chunks: collections.deque[_Chunk] = collections.deque()
+            for offset in range(0, size, CHUNK):
+                chunks.append(_Chunk(offset))
+                nursery.start_soon(chunks[-1].read, volume, node.ino)
+                if len(chunks) > READ_AHEAD_CHUNKS:
+                    await _write_chunk(fd, chunks.popleft(), meter)
+            while chunks:
+                await _write_chunk(fd, chunks.popleft(), meter)
         os.ftruncate(fd, size)
         os.fsync(fd)
     finally:
@@ -105,14 +108,32 @@ async def _restore_file(volume: Volume, node: Inode, path: str, meter: _Meter) -
     return size
 
 
-async def _read_chunks(volume: Volume, ino: int, size: int,
-                       send: trio.MemorySendChannel[tuple[int, bytes]]) -> None:
-    async with send:
-        for offset in range(0, size, CHUNK):
-            await send.send((offset, await volume.read(ino, offset, CHUNK)))
+class _Chunk:
+    """One chunk of a file being read: its bytes or the error, once read."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.done = trio.Event()
+        self.data = b""
+        self.error: OSError | None = None
+
+    async def read(self, volume: Volume, ino: int) -> None:
+        try:
+            self.data = await volume.read(ino, self.offset, CHUNK)
+        except OSError as exc:  # raised where the chunk is written, in order
+            self.error = exc
+        self.done.set()
 
 
-def _write_chunk(fd: int, data: bytes, offset: int) -> None:
+async def _write_chunk(fd: int, chunk: _Chunk, meter: _Meter) -> None:
+    await chunk.done.wait()
+    if chunk.error is not None:
+        raise chunk.error
+    await trio.to_thread.run_sync(_write_and_start_writeback, fd, chunk.data, chunk.offset)
+    meter.add(len(chunk.data))
+
+
+def _write_and_start_writeback(fd: int, data: bytes, offset: int) -> None:
     pwrite_all(fd, data, offset)
     start_writeback(fd, offset, len(data))
 
