@@ -13,6 +13,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from . import codec, format, statechoice
+from .blocks import Checked
 from .replica import FAULTED, ONLINE, Loaded, Replica, still_current
 from .tree import HOLE, Tree, entry_gen, entry_slot
 
@@ -57,33 +58,70 @@ class Report:
         return d
 
 
+@dataclass
+class ChunkRead:
+    """Some blocks of one inode as every target holds them, read and checked."""
+
+    ino: int
+    wanted: list[tuple[int, int]]  # (block, tree entry when read), holes left out
+    reads: dict[Replica, Checked]  # the targets that answered
+
+
+async def read_chunk(volume: Volume, ino: int, wanted: list[tuple[int, int]],
+                     targets: list[Replica]) -> ChunkRead:
+    """Read (in the targets' threads) and check the shares of some blocks of one inode on
+    every target; needs no lock: heal_chunk finds the blocks committed anew meanwhile."""
+    wanted = [(b, e) for b, e in wanted if e != HOLE]
+    if not wanted:
+        return ChunkRead(ino, [], {})
+    # A chunk's blocks were mostly written by a few records: look each term up once.
+    terms = {gen: volume.tree.term_of(gen) for gen in {entry_gen(e) for _, e in wanted}}
+    slots = [(b, entry_gen(e), entry_slot(e), terms[entry_gen(e)]) for b, e in wanted]
+    where = [(ino, b, slot) for b, _, slot, _ in slots]
+    raws = await volume.replica_set.run_jobs(
+        [(r, partial(r.read_slots, where)) for r in targets], len(targets))
+    reads = {r: volume.reader.check_slots(r, ino, slots, raw) for r, raw in raws.items()}
+    return ChunkRead(ino, wanted, reads)
+
+
 async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],
                         targets: list[Replica], report: Report, dry_run: bool,
                         only: set[Replica] | None = None) -> set[Replica]:
-    """Verify the shares of some blocks of one inode on every target; rewrite the bad ones.
-    Returns the replicas that could not be given a share they lack."""
-    wanted = [(b, e) for b, e in wanted if e != HOLE]
-    if not wanted:
-        return set()
+    """read_chunk then heal_chunk, for a caller that holds the volume's lock throughout."""
+    read = await read_chunk(volume, ino, wanted, targets)
+    return await heal_chunk(volume, read, targets, report, dry_run, only)
+
+
+async def heal_chunk(volume: Volume, read: ChunkRead, targets: list[Replica], report: Report,
+                     dry_run: bool, only: set[Replica] | None = None) -> set[Replica]:
+    """Count what read_chunk found and rewrite the bad shares from k good ones; the caller
+    holds the volume's lock.  A block committed anew since it was read is left out: that
+    commit wrote all its shares, and a replica that missed it lags and is healed with the
+    blocks born during the pass.  Returns the replicas that could not be given a share
+    they lack."""
+    ino, reads = read.ino, read.reads
+    node = volume.tree.inodes.get(ino)
+    unchanged = {position for position, (block, entry) in enumerate(read.wanted)
+                 if node is not None and block < len(node.blocks) and node.blocks[block] == entry}
+    report.blocks += len(unchanged)
+    report.shares_checked += len(unchanged) * len(targets)
+    report.bytes_read += sum(checked.bytes_read for checked in reads.values())
+    suspect = unchanged if len(reads) < len(targets) else \
+        unchanged.intersection(position for checked in reads.values() for position in checked.bad)
     unhealed: set[Replica] = set()
-    slots = [(b, entry_gen(e), entry_slot(e), volume.tree.term_of(entry_gen(e))) for b, e in wanted]
-    reads = await volume.replica_set.run_jobs(
-        [(r, partial(volume.reader.read_checked, r, ino, slots)) for r in targets], len(targets))
     writes: dict[Replica, list] = {}
     healed_blocks: dict[Replica, list[int]] = {}
-    for position, (block, entry) in enumerate(wanted):
+    for position in sorted(suspect):
+        block, entry = read.wanted[position]
         gen = entry_gen(entry)
         good: dict[int, bytes] = {}
         bad: list[Replica] = []
         for r in targets:
-            length, share = reads[r][position] if r in reads else (0, None)
-            report.shares_checked += 1
-            report.bytes_read += length
+            share = reads[r].shares[position] if r in reads else None
             if share is None:
                 bad.append(r)
             else:
                 good[r.index] = share
-        report.blocks += 1
         bad = [r for r in bad if only is None or r in only]
         if not bad:
             continue

@@ -14,10 +14,12 @@ rejoins: only then is its blame lifted.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 
 import trio
@@ -25,18 +27,21 @@ import trio
 from .fileio import unlink_quietly
 from .heal import (
     CHUNK_BLOCKS,
+    ChunkRead,
     Progress,
     Report,
     blocks_since,
-    check_blocks,
     give_blocks,
+    heal_chunk,
     install_snapshot,
+    read_chunk,
 )
 from .replica import ONLINE, STALE, Replica, ReplicaError
 from .tree import Tree
 from .volume import Volume, VolumeError
 
 log = logging.getLogger("lnmirrorfs.scrub")
+READ_AHEAD_CHUNKS = 2  # chunks being read and checked while one is healed
 
 
 def _scrub_targets(volume: Volume) -> list[Replica]:
@@ -63,20 +68,13 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
         await volume.replica_set.run_jobs([(r, r.reopen) for r in lagging], len(lagging))
     total = sum(len(n.blocks) for n in volume.tree.inodes.values() if n.is_reg)
     done = 0
-    for ino in sorted(i for i, n in volume.tree.inodes.items() if n.is_reg):
-        first = 0
-        while True:
+    async with trio.open_nursery() as nursery:
+        async for span, read in _read_ahead(volume, targets, chunk, nursery):
             async with volume.lock:
-                node = volume.tree.inodes.get(ino)
-                if node is None or first >= len(node.blocks):
-                    break
-                wanted = [(b, node.blocks[b])
-                          for b in range(first, min(first + chunk, len(node.blocks)))]
-                await check_blocks(volume, ino, wanted, targets, report, dry_run)
-            first += chunk
-            done += len(wanted)
+                await heal_chunk(volume, read, targets, report, dry_run)
+            done += span
             if progress:
-                progress(done, total)
+                progress(min(done, total), total)
             await _throttle(report.bytes_read, started, rate_mb)
     async with volume.lock:
         await _heal_lagging_replicas(volume, targets, start_seq, report, dry_run)
@@ -102,6 +100,55 @@ async def scrub(volume: Volume, dry_run: bool = False, rate_mb: float | None = N
     if recordable:
         await volume.record_errors()
     return report
+
+
+async def _read_ahead(volume: Volume, targets: list[Replica], chunk: int,
+                      nursery: trio.Nursery) -> AsyncIterator[tuple[int, ChunkRead]]:
+    """Every regular file's blocks, `chunk` at a time, read and checked on every target,
+    with the number of blocks each covers (holes too).  READ_AHEAD_CHUNKS are being read
+    while the caller heals the one before them, so the replicas' threads never wait for
+    each other or for the heal, and the volume's lock is not held while they read."""
+    reading: collections.deque[_Pending] = collections.deque()
+    for ino, first in _chunks(volume, chunk):
+        node = volume.tree.inodes.get(ino)
+        if node is None:
+            continue
+        wanted = [(b, node.blocks[b]) for b in range(first, min(first + chunk, len(node.blocks)))]
+        reading.append(_Pending(len(wanted)))
+        nursery.start_soon(reading[-1].read, volume, ino, wanted, targets)
+        if len(reading) > READ_AHEAD_CHUNKS:
+            yield await reading.popleft().result()
+    while reading:
+        yield await reading.popleft().result()
+
+
+def _chunks(volume: Volume, chunk: int) -> Iterator[tuple[int, int]]:
+    """(inode, first block) of each chunk; a file that grows during the pass is followed
+    to its end as it is then."""
+    for ino in sorted(i for i, n in volume.tree.inodes.items() if n.is_reg):
+        first = 0
+        while (node := volume.tree.inodes.get(ino)) is not None and first < len(node.blocks):
+            yield ino, first
+            first += chunk
+
+
+class _Pending:
+    """One chunk being read: its ChunkRead once read."""
+
+    def __init__(self, span: int) -> None:
+        self.span = span
+        self.done = trio.Event()
+        self.value: ChunkRead | None = None
+
+    async def read(self, volume: Volume, ino: int, wanted: list[tuple[int, int]],
+                   targets: list[Replica]) -> None:
+        self.value = await read_chunk(volume, ino, wanted, targets)
+        self.done.set()
+
+    async def result(self) -> tuple[int, ChunkRead]:
+        await self.done.wait()
+        assert self.value is not None
+        return self.span, self.value
 
 
 async def _throttle(bytes_read: int, started: float, rate_mb: float | None) -> None:

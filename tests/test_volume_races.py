@@ -11,10 +11,11 @@ import trio
 import trio.testing
 
 from conftest import make_volume
-from lnmirrorfs import codec, scrub
+from lnmirrorfs import codec, format, heal, scrub
 from lnmirrorfs.cli.common import read_key_file
 from lnmirrorfs.namespace import Namespace
 from lnmirrorfs.replica import ONLINE, Replica
+from lnmirrorfs.tree import entry_slot
 from lnmirrorfs.volume import Options, Volume
 
 
@@ -173,3 +174,32 @@ async def test_a_scrub_heals_a_replica_whose_hung_call_is_just_returning(tmp_pat
 
 def _crash(*args, **kwargs) -> None:
     raise OSError(errno.EIO, "crash injected")
+
+
+async def test_a_chunk_read_before_two_commits_is_never_healed_over_them(tmp_path):
+    """A scrub reads a chunk outside the volume's lock and heals it under the lock.  Two
+    commits in between put a block back into the slot it had, newer: healing the bad
+    share it read would write the old version over the new one on that replica."""
+    volume, replicas, _ = open_volume(tmp_path)
+    bs = volume.block_size
+    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(node.ino, 0, b"1" * bs)
+    await volume.sync(node.ino)
+    layout = format.SlotLayout.of(bs, 1)
+    data_file = replicas[0] / "data" / format.data_name(node.ino, entry_slot(node.blocks[0]))
+    with open(data_file, "r+b") as f:  # replica 0's share of block 0 goes bad
+        f.seek(layout.body_offset(0))
+        f.write(b"rot")
+    targets = volume.online
+    read = await heal.read_chunk(volume, node.ino, [(0, node.blocks[0])], targets)
+    assert read.reads[targets[0]].bad == [0]
+    for version in (b"2", b"3"):  # slot 1, then the first slot again
+        await volume.write(node.ino, 0, version * bs)
+        await volume.sync(node.ino)
+    report = heal.Report()
+    async with volume.lock:
+        await heal.heal_chunk(volume, read, targets, report, dry_run=False)
+    assert report.repaired_shares == 0
+    after = await scrub.scrub(volume)
+    assert after.bad_shares == 0 and after.result == "clean", after
+    volume.close()
