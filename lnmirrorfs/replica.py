@@ -20,13 +20,11 @@ import errno
 import fcntl
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Generic, TypeVar
 
 from . import codec, format
 from .fileio import (
@@ -40,6 +38,7 @@ from .fileio import (
     write_zeros,
 )
 from .tree import Tree, TreeError, block_entry, decode_ops
+from .worker import Once, Worker
 
 log = logging.getLogger("lnmirrorfs.replica")
 ONLINE, STALE, FAULTED, MISSING, OFFLINE = "ONLINE", "STALE", "FAULTED", "MISSING", "OFFLINE"
@@ -48,8 +47,7 @@ _MAX_OPEN_DATA_FILES = 256
 # file size, so the per-commit fdatasync has no metadata to journal.
 LOG_CHUNK = 4 << 20
 PUNCH_SLICE_SECONDS = 0.002  # the longest a worker frees stale slots before commits go again
-DELETED_SUFFIX = ".deleted"
-T = TypeVar("T")  # a freed data file waiting for its unlink (scrub removes leftovers)
+DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub removes leftovers)
 
 
 class ReplicaError(Exception):
@@ -58,62 +56,6 @@ class ReplicaError(Exception):
 
 class ReplicaInUse(ReplicaError):
     """Another process holds the replica's lock."""
-
-
-class Worker:
-    """One thread running one replica's jobs in order (a plain thread + queue: cheapest hop)."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._submitted: collections.deque[float] = collections.deque()  # times of unfinished jobs
-        self.stopping = False  # stop() was called: jobs submitted now would never run
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def pending(self) -> int:
-        return len(self._submitted)
-
-    def oldest_pending(self) -> float | None:
-        """time.monotonic() of the oldest job not finished yet (None when idle)."""
-        try:
-            return self._submitted[0]
-        except IndexError:
-            return None
-
-    def submit(self, job: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
-        self._submitted.append(time.monotonic())
-        self._jobs.put((job, done))
-
-    def runs_here(self) -> bool:
-        """Is this its thread (not one a replacement left behind with a hung call)?"""
-        return threading.current_thread() is self._thread
-
-    def stop(self, timeout: float) -> bool:
-        """Finish the queued jobs (replicas past quorum may still be writing), then end;
-        False if a job still hangs after `timeout` (the thread is left behind)."""
-        self.stopping = True
-        self._jobs.put((None, None))
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while self._run_next():
-            pass
-
-    def _run_next(self) -> bool:
-        """Run one job.  A function of its own so the job (a commit's sealed blocks) is
-        dropped as soon as it is done, not kept alive until the next job arrives."""
-        job, done = self._jobs.get()
-        if job is None:
-            return False
-        try:
-            result, error = job(), None
-        except BaseException as exc:  # handed to the caller, who decides
-            result, error = None, exc
-        self._submitted.popleft()
-        done(result, error)
-        return True
 
 
 @dataclass
@@ -155,22 +97,6 @@ class SnapshotCut:
     seq: int
     log_end: int
     log_epoch: int
-
-
-class Once(Generic[T]):
-    """A snapshot's sealed bytes or stale pages, made by whichever replica's thread asks
-    first (off the event loop, once for all replicas)."""
-
-    def __init__(self, make: Callable[[], T]) -> None:
-        self._make: Callable[[], T] | None = make
-        self._made: T | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> T:
-        with self._lock:
-            if self._make is not None:
-                self._made, self._make = self._make(), None
-            return self._made
 
 
 @dataclass(eq=False)  # identity semantics: replicas are dict keys

@@ -38,13 +38,13 @@ from .replica import (
     ONLINE,
     STALE,
     Counters,
-    Once,
     Replica,
     seal_snapshot,
 )
 from .replicaset import ReplicaSet
 from .stale import stale_pages
 from .tree import HOLE, Inode, Tree, encode_ops, entry_slot
+from .worker import Once
 
 log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
