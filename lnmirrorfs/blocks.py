@@ -7,11 +7,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 
 from . import codec, format
+from .block_cache import BlockCache
 from .replica import Replica
 from .replicaset import ReplicaSet
 from .tree import HOLE, Inode, Tree, entry_gen, entry_slot
@@ -37,22 +37,10 @@ class BlockReader:
         self.replica_set = replica_set
         self.keys, self.volume_id, self.tree = keys, volume_id, tree
         self.k, self.n, self.block_size = k, n, block_size
-        self.cache_bytes = cache_bytes
         self.dirty, self.inflight = dirty, inflight   # the volume's write buffers, read here
-        self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.cache = BlockCache(cache_bytes, block_size)
         self.bad_shares: set[tuple[int, int, int]] = set()  # (replica index, ino, block)
         self._zero = bytes(block_size)
-
-    def drop_cached(self, ino: int, first: int = 0) -> None:
-        """Forget cached blocks of an inode from block `first` on (truncated or freed)."""
-        for key in [key for key in self.cache if key[0] == ino and key[1] >= first]:
-            del self.cache[key]
-
-    def cache_put(self, ino: int, index: int, data: bytes) -> None:
-        self.cache[(ino, index)] = data
-        self.cache.move_to_end((ino, index))
-        while len(self.cache) * self.block_size > self.cache_bytes:
-            self.cache.popitem(last=False)
 
     def _buffered_block(self, node: Inode, index: int) -> bytes | None:
         """A block's content if it is at hand: buffered, in flight, cached, or a hole."""
@@ -63,9 +51,8 @@ class BlockReader:
         data = self.inflight.get(ino, {}).get(index)
         if data is not None:
             return data
-        data = self.cache.get((ino, index))
+        data = self.cache.get(ino, index)
         if data is not None:
-            self.cache.move_to_end((ino, index))
             return data
         if index >= len(node.blocks) or node.blocks[index] == HOLE:
             return self._zero
@@ -93,7 +80,7 @@ class BlockReader:
             missing = []
             for index, entry in wanted:
                 if self._current_entry(node, index) == entry and not self._buffered_anew(node, index):
-                    self.cache_put(node.ino, index, fetched[index])
+                    self.cache.put(node.ino, index, fetched[index])
                     out[index] = fetched[index]
                 else:
                     missing.append(index)

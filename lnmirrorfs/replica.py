@@ -48,6 +48,9 @@ _MAX_OPEN_DATA_FILES = 256
 LOG_CHUNK = 4 << 20
 PUNCH_SLICE_SECONDS = 0.002  # the longest a worker frees stale slots before commits go again
 DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub removes leftovers)
+# Inline records' slots wait in memory (the log holds them durably) up to this many bytes
+# per replica before they are written to the data files in one batch.
+DEFERRED_FLUSH_BYTES = 1 << 20
 
 
 class ReplicaError(Exception):
@@ -109,7 +112,11 @@ class Replica:
     worker: Worker | None = None
     housekeeper: Worker | None = None
     _data_fds: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    # A read-only open: the slots that only its log holds.
     overlay: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
+    deferred: dict[tuple[int, int, int], bytes] = field(default_factory=dict)  # see _defer
+    _deferred_files: set[int] = field(default_factory=set)  # the file ids in `deferred`
+    _flush_queued: bool = False
     _log_fd: int | None = None
     _log_end: int = 0
     _log_allocated: int = 0
@@ -210,6 +217,9 @@ class Replica:
         sshfs mounted anew), and a heal must write to what is there now."""
         fds = list(self._data_fds.values()) + [self._log_fd, self._lock_fd]
         self._data_fds.clear()
+        # Slots still deferred are dropped as a power cut would drop unsynced ones: the
+        # catch-up redoes from this replica's log what the served state needs.
+        self._drop_deferred(lambda key: True)
         self._log_fd = self._lock_fd = None
         self._log_epoch += 1
         # The old descriptors may belong to a mount that hangs (an sshfs whose connection
@@ -388,6 +398,7 @@ class Replica:
         `stale` bodies are freed (free_stale)."""
         if sealed is None:
             sealed = seal_snapshot(keys, self.header.volume_id, tree)
+        self.flush_deferred()
         with self._snapshot_lock:  # after a background snapshot's part, never between
             self._unsynced_files |= self._cut_files
             self._cut_files = set()
@@ -449,6 +460,7 @@ class Replica:
         are tracked afresh (their records stay in the log)."""
         if self.state != ONLINE or self.last_seq != seq or self._log_fd is None:
             return None  # it missed the record or faulted: a catch-up snapshots it instead
+        self.flush_deferred()
         with self._snapshot_lock:
             self._cut_files |= self._unsynced_files
             self._unsynced_files = set()
@@ -583,10 +595,15 @@ class Replica:
             os.close(self._data_fds.popitem(last=False)[1])
         return fd, created
 
-    def write_slots(self, slots: list[format.SlotWrite], sync: bool = True) -> None:
-        """Write slots (file id, block, slot, buffers); with sync, make them and new names durable.
+    def write_slots(self, slots: list[format.SlotWrite]) -> None:
+        """Write slots (file id, block, slot, buffers) and make them and new names durable
+        (a heal, a redo, a commit too big for the log): newer than what is deferred."""
+        for file_id, block, slot, _ in slots:
+            self.deferred.pop((file_id, block, slot), None)
+        self._write_slot_files(slots, sync=True)
 
-        Without sync the caller has the same bytes durable in the log, and the next
+    def _write_slot_files(self, slots: list[format.SlotWrite], sync: bool) -> None:
+        """Without sync the caller has the same bytes durable in the log, and the next
         snapshot syncs these files before it drops that log."""
         if not os.path.isdir(self.data_path):
             raise OSError(errno.ENOENT, "replica directory vanished")
@@ -610,23 +627,67 @@ class Replica:
 
     def commit(self, slots: list[format.SlotWrite], record: bytes, inline: bool,
                seq: int) -> None:
-        """Write the slots, then append the record and sync the log: the commit point.
+        """Append the record and sync the log: the commit point.
 
         An inline record carries the slots' bytes itself, so one fdatasync (of the log)
-        makes the whole commit durable; otherwise the slots are synced before the record
-        is appended.  A crash leaves either the old state or the new one on this replica.
+        makes the whole commit durable and the slots are deferred (_defer); otherwise
+        they are written and synced before the record is appended.  A crash leaves
+        either the old state or the new one on this replica.
         """
         if self.last_seq is not None and self.last_seq >= seq:
             return  # a retry after a cancelled wait: it holds the record already
         try:
             self._check_online()
-            self.write_slots(slots, sync=not inline)
+            if not inline:
+                self.write_slots(slots)
             self._append(record)
         except OSError as exc:
-            self.counters.write += 1
-            self.mark(FAULTED, f"write failed: {exc.strerror or exc}")
+            self._write_failed(exc)
             raise
         self.last_seq = seq
+        if inline:
+            self._defer(slots)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.counters.write += 1
+        self.mark(FAULTED, f"write failed: {exc.strerror or exc}")
+
+    def _defer(self, slots: list[format.SlotWrite]) -> None:
+        """Keep an inline record's slots in memory (reads find them here) and write them
+        to the data files later, in one batch: a slot rewritten meanwhile is written once,
+        and those of a file freed meanwhile (SQLite's rollback journal, every commit) are
+        never written.  Its log holds them durably until a snapshot, and every snapshot
+        writes and syncs them first; a crash before that redoes them from the log."""
+        for file_id, block, slot, data in slots:
+            self.deferred[(file_id, block, slot)] = b"".join(data)
+            self._deferred_files.add(file_id)
+        if (len(self.deferred) * self.layout.size >= DEFERRED_FLUSH_BYTES
+                and not self._flush_queued):
+            if self.worker is not None and self.worker.runs_here():
+                self._flush_queued = True  # after this commit is answered, before the next
+                self.worker.submit(self.flush_deferred, lambda result, error: None)
+            else:
+                self.flush_deferred()
+
+    def flush_deferred(self) -> None:
+        """Write the deferred slots to the data files, unsynced (see _defer).  A failure
+        faults the replica, as a failed commit would."""
+        self._flush_queued = False
+        if not self.deferred:
+            return
+        try:
+            self._write_slot_files([(file_id, block, slot, (raw,)) for (file_id, block, slot), raw
+                                    in sorted(self.deferred.items())], sync=False)
+        except OSError as exc:
+            self._write_failed(exc)
+            raise
+        self.deferred.clear()
+        self._deferred_files.clear()
+
+    def _drop_deferred(self, dropped: Callable[[tuple[int, int, int]], bool]) -> None:
+        for key in [key for key in self.deferred if dropped(key)]:
+            del self.deferred[key]
+        self._deferred_files = {key[0] for key in self.deferred}
 
     def read_shares(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
         """read_slots for serving reads: only from an online replica, errors counted."""
@@ -646,8 +707,8 @@ class Replica:
         pos = 0
         while pos < len(wanted):
             file_id, block, slot = wanted[pos]
-            raw = self.overlay.get(wanted[pos])
-            if raw is not None:  # read-only open: this slot is durable only in the log
+            raw = self.deferred.get(wanted[pos]) or self.overlay.get(wanted[pos])
+            if raw is not None:  # not in the data files yet, or (read-only) only in the log
                 out.append(raw)
                 pos += 1
                 continue
@@ -662,11 +723,12 @@ class Replica:
 
     def _run_length(self, wanted: list[tuple[int, int, int]], pos: int, group: int) -> int:
         """How many of wanted[pos:] are consecutive blocks of one slot file and group,
-        none of them in the overlay."""
+        none of them in memory (deferred or overlay)."""
         file_id, first, slot = wanted[pos]
         count = 1
         while (pos + count < len(wanted) and wanted[pos + count] == (file_id, first + count, slot)
                and (first + count) // group == first // group
+               and wanted[pos + count] not in self.deferred
                and wanted[pos + count] not in self.overlay):
             count += 1
         return count
@@ -684,6 +746,8 @@ class Replica:
             job()
 
     def truncate_data(self, file_id: int, blocks: int) -> None:
+        if file_id in self._deferred_files:
+            self._drop_deferred(lambda key: key[0] == file_id and key[1] >= blocks)
         for slot in range(format.SLOTS):
             fd, _ = self._data_fd((file_id, slot), create=False)
             if fd is not None:
@@ -694,6 +758,8 @@ class Replica:
         seconds (longer than the deadline on a slow disk), so this job only closes and
         renames them; the unlinks run on the replica's housekeeping thread, off the queue
         that commits wait in."""
+        if file_id in self._deferred_files:
+            self._drop_deferred(lambda key: key[0] == file_id)
         for slot in range(format.SLOTS):
             fd = self._data_fds.pop((file_id, slot), None)
             if fd is not None:

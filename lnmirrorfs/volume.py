@@ -463,7 +463,7 @@ class Volume:
         for ino in inos:
             blocks = self.inflight.pop(ino, {})
             for index in blocks if cache_all else sorted(blocks)[-1:]:
-                self.reader.cache_put(ino, index, blocks[index])
+                self.reader.cache.put(ino, index, blocks[index])
             if not self.dirty.get(ino):
                 self.dirty.pop(ino, None)
                 self.pending_size.pop(ino, None)
@@ -639,11 +639,11 @@ class Volume:
         for table in (self.dirty.get(node.ino, {}), self.inflight.get(node.ino, {})):
             for index in [i for i in table if i >= keep]:
                 del table[index]
-        self.reader.drop_cached(node.ino, keep)
+        self.reader.cache.drop(node.ino, keep)
         if size % bs and size < self.size_of(node):
             buf = await self._dirty_block(node, size // bs)
             buf[size % bs:] = bytes(bs - size % bs)
-            self.reader.cache.pop((node.ino, size // bs), None)
+            self.reader.cache.discard(node.ino, size // bs)
         self.pending_size[node.ino] = size
 
     def reclaim_beyond_end(self, node: Inode) -> None:
@@ -703,7 +703,7 @@ class Volume:
         for table in (self.dirty, self.inflight, self.pending_size, self.pending_mtime,
                       self.pending_atime):
             table.pop(node.ino, None)
-        self.reader.drop_cached(node.ino)
+        self.reader.cache.drop(node.ino)
         if node.is_reg:
             self._reclaim(lambda r: r.remove_data(node.ino))
 

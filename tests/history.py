@@ -451,7 +451,8 @@ class History:
 
     def inject(self, fates: dict[int, str]) -> None:
         """Cut the replica's part of the commit where its fate says, as a crash would:
-        nothing written, the data slots but not the record, a torn record, or the whole
+        nothing written, the data slots but not the record (a record too big for the log;
+        an inline record's slots are deferred until after it), a torn record, or the whole
         record with the sync reporting an error.  The cut is
         made inside the real Replica.commit, which faults its replica as on any error.
         The last two let the commit through and cut a background snapshot it starts:
@@ -466,8 +467,8 @@ class History:
             fate = fates.get(r.index) if r.header else None
             if fate in COMMIT_FATES and self.rng.random() < 0.5:
                 r.worker.submit(partial(self.late.wait, LATE_SECONDS), lambda result, error: None)
-            if fate == "none":
-                r.write_slots = _crash
+            if fate == "none":  # an inline record's slots are written after it (deferred)
+                r.write_slots = r._append = _crash
             elif fate == "slots":
                 r._append = _crash
             elif fate == "torn":

@@ -1,0 +1,119 @@
+"""Inline records' slots are deferred (kept in memory, durable in the log) and written to
+the data files in batches: in-process, on real replica directories."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from conftest import make_volume
+from lnmirrorfs import format
+from lnmirrorfs.cli.common import read_key_file
+from lnmirrorfs.namespace import Namespace
+from lnmirrorfs.replica import DEFERRED_FLUSH_BYTES
+from lnmirrorfs.volume import Volume
+
+
+def data_file(replica: Path, ino: int, slot: int = 0) -> Path:
+    return replica / "data" / format.data_name(ino, slot)
+
+
+async def reopened_read(dirs, master: bytes, ino: int, length: int) -> bytes:
+    again = Volume.open([str(r) for r in dirs.replicas], master, writable=False)
+    try:
+        return await again.read(ino, 0, length)
+    finally:
+        again.close()
+
+
+async def test_a_file_freed_before_the_snapshot_never_reaches_the_data_files(tmp_path):
+    """SQLite's rollback journal: created, written, synced and deleted within a commit.
+    Its slots stay in memory (reads find them there) and are dropped with the file; a
+    file that stays is written out and synced by the snapshot."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master)
+    bs = volume.block_size
+    ns = Namespace(volume)
+    journal = await ns.mknod(1, b"db-journal", stat.S_IFREG | 0o644, 0, 0)
+    db = await ns.mknod(1, b"db", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(journal.ino, 0, b"j" * 3 * bs)
+    await volume.sync(journal.ino)
+    await volume.write(db.ino, 0, b"d" * 2 * bs)
+    await volume.sync(db.ino)
+    assert not any(data_file(r, journal.ino).exists() or data_file(r, db.ino).exists()
+                   for r in v.replicas)
+    volume.reader.cache.clear()  # the reads go to the replicas, which answer from memory
+    assert await volume.read(journal.ino, 0, 3 * bs) == b"j" * 3 * bs
+    assert await volume.read(db.ino, 0, 2 * bs) == b"d" * 2 * bs
+    await ns.unlink(1, b"db-journal", False)
+    async with volume.lock:
+        await volume.snapshot()
+    volume.close()
+    for r in v.replicas:
+        assert not data_file(r, journal.ino).exists()
+        assert not (r / "data" / (format.data_name(journal.ino, 0) + ".deleted")).exists()
+        assert data_file(r, db.ino).stat().st_size > 0
+    assert await reopened_read(v, master, db.ino, 2 * bs) == b"d" * 2 * bs
+
+
+async def test_a_crash_before_the_flush_leaves_the_slots_in_the_log(tmp_path):
+    """The volume is dropped without its unmount snapshot (as kill -9 would): the slots
+    were never written to the data files, and the next open redoes them from the log."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master)
+    bs = volume.block_size
+    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(node.ino, 0, b"x" * 5 * bs)
+    await volume.sync(node.ino)
+    volume.close()  # no snapshot
+    assert not any(data_file(r, node.ino).exists() for r in v.replicas)
+    assert await reopened_read(v, master, node.ino, 5 * bs) == b"x" * 5 * bs
+    writable = Volume.open([str(r) for r in v.replicas], master)  # redo, then a fresh log
+    writable.close()
+    assert all(data_file(r, node.ino).exists() for r in v.replicas)
+    assert await reopened_read(v, master, node.ino, 5 * bs) == b"x" * 5 * bs
+
+
+async def test_deferred_slots_past_a_truncation_are_not_written(tmp_path):
+    """Blocks cut off by a truncate are dropped from memory, not written past the end."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master)
+    bs = volume.block_size
+    ns = Namespace(volume)
+    node = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(node.ino, 0, b"t" * 8 * bs)
+    await volume.sync(node.ino)
+    await ns.setattr(node.ino, size=2 * bs)
+    async with volume.lock:
+        await volume.snapshot()
+    volume.close()
+    layout = format.SlotLayout.of(bs, 1)
+    for r in v.replicas:
+        assert data_file(r, node.ino).stat().st_size <= layout.file_length(2)
+    assert await reopened_read(v, master, node.ino, 8 * bs) == b"t" * 2 * bs
+
+
+async def test_deferred_slots_are_written_out_past_the_limit(tmp_path):
+    """Memory is bounded: past DEFERRED_FLUSH_BYTES per replica the slots are written
+    (unsynced: the log holds them until the next snapshot syncs the files)."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master)
+    bs = volume.block_size
+    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    blocks = 2 * DEFERRED_FLUSH_BYTES // bs
+    for index in range(blocks):  # one block per commit: every record is inline
+        await volume.write(node.ino, index * bs, index.to_bytes(4, "big") * (bs // 4))
+        await volume.sync(node.ino)
+        assert all(len(r.deferred) * r.layout.size <= DEFERRED_FLUSH_BYTES + r.layout.size
+                   for r in volume.online)
+    await volume.replica_set.wait_idle(volume.online)
+    assert all(data_file(r, node.ino).stat().st_size > DEFERRED_FLUSH_BYTES for r in v.replicas)
+    volume.reader.cache.clear()
+    expected = b"".join(i.to_bytes(4, "big") * (bs // 4) for i in range(blocks))
+    assert await volume.read(node.ino, 0, blocks * bs) == expected
+    volume.close()
+    assert await reopened_read(v, master, node.ino, blocks * bs) == expected
