@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -129,11 +130,34 @@ def decode_paper_key(text: str) -> bytes:
 Buffer = bytes | bytearray | memoryview
 
 
+class _Nonces:
+    """Unique 24-byte nonces: a random 16-byte prefix per process (drawn anew in a forked
+    child, which would otherwise repeat its parent's) and a 64-bit counter.  A collision
+    needs two processes to draw the same 128-bit prefix; a getrandom call per block cost
+    more than the block's encryption (the encode thread gives up the GIL for each)."""
+
+    _COUNTER = struct.Struct("<Q")
+
+    def __init__(self) -> None:
+        self._restart()
+        os.register_at_fork(after_in_child=self._restart)
+
+    def _restart(self) -> None:
+        self._prefix = os.urandom(NONCE_BYTES - self._COUNTER.size)
+        self._counter = itertools.count()  # next() is atomic: threads never share a value
+
+    def next(self) -> bytes:
+        return self._prefix + self._COUNTER.pack(next(self._counter))
+
+
+_nonces = _Nonces()
+
+
 def _seal(key: bytes, plaintext: Buffer, aad: bytes) -> bytes:
     """nonce || XChaCha20-Poly1305(plaintext, aad)."""
     _check_key(key)
     out = bytearray(NONCE_BYTES + len(plaintext) + TAG_BYTES)
-    out[:NONCE_BYTES] = os.urandom(NONCE_BYTES)
+    out[:NONCE_BYTES] = _nonces.next()
     buf = _ffi.from_buffer(out)
     _sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
         buf + NONCE_BYTES, _ffi.NULL, _ffi.from_buffer(plaintext), len(plaintext),

@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 
 Buffers = bytes | bytearray | memoryview | Sequence[bytes]
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one pwritev takes
 
 
 def pwrite_all(fd: int, data: Buffers, offset: int) -> None:
@@ -20,7 +21,7 @@ def pwrite_all(fd: int, data: Buffers, offset: int) -> None:
         else [memoryview(b) for b in data]
     pending = [b for b in pending if len(b)]
     while pending:
-        written = os.pwritev(fd, pending, offset)
+        written = os.pwritev(fd, pending[:IOV_MAX], offset)
         if written == 0:
             raise OSError(errno.ENOSPC, "no space left on device (write took nothing)")
         offset += written

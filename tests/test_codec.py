@@ -432,3 +432,35 @@ def test_paper_key_alphabet_is_rfc4648():
     # Guard the B32 constant the tests rely on.
     assert set(base64.b32encode(bytes(range(256))).decode().rstrip("=")) == set(B32)
     assert len(set(B32)) == 32
+
+
+def test_nonces_never_repeat_across_threads_or_a_fork():
+    """Sealing from several threads, and in a forked child, never reuses a nonce."""
+    import os
+    import threading
+
+    keys = codec.Keys.derive(bytes(32))
+    seen: list[bytes] = []
+
+    def seal_many() -> None:
+        for _ in range(2000):
+            seen.append(codec.seal_record(keys, bytes(16), b"L", b"", b"x")[:codec.NONCE_BYTES])
+
+    threads = [threading.Thread(target=seal_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child seals once and sends its nonce back
+        os.write(write, codec.seal_record(keys, bytes(16), b"L", b"", b"x")[:codec.NONCE_BYTES])
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, codec.NONCE_BYTES)
+    os.close(read)
+    os.close(write)
+    parent = codec.seal_record(keys, bytes(16), b"L", b"", b"x")[:codec.NONCE_BYTES]
+    assert len(set(seen)) == len(seen) == 8000
+    assert child not in seen and child != parent
+    assert child[:16] != parent[:16]  # the child drew a prefix of its own
