@@ -276,3 +276,6 @@ def install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
         r.header_damage = ""
     r.write_snapshot(volume.keys, volume.tree, sealed)
     r.rejoin(volume.tree.seq)
+    # A background snapshot it was writing when it faulted is moot now; its threads may
+    # have been replaced with it, so it would never say so: the next one may start.
+    volume.snapshotting.discard(r)

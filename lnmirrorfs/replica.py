@@ -117,6 +117,7 @@ class Replica:
     deferred: dict[tuple[int, int, int], bytes] = field(default_factory=dict)  # see _defer
     _deferred_files: set[int] = field(default_factory=set)  # the file ids in `deferred`
     _flush_queued: bool = False
+    _replaced_threads: set[threading.Thread] = field(default_factory=set)  # see _left_behind
     _log_fd: int | None = None
     _log_end: int = 0
     _log_allocated: int = 0
@@ -217,9 +218,6 @@ class Replica:
         sshfs mounted anew), and a heal must write to what is there now."""
         fds = list(self._data_fds.values()) + [self._log_fd, self._lock_fd]
         self._data_fds.clear()
-        # Slots still deferred are dropped as a power cut would drop unsynced ones: the
-        # catch-up redoes from this replica's log what the served state needs.
-        self._drop_deferred(lambda key: True)
         self._log_fd = self._lock_fd = None
         self._log_epoch += 1
         # The old descriptors may belong to a mount that hangs (an sshfs whose connection
@@ -230,10 +228,22 @@ class Replica:
         self.lock()
         if Replica.open(self.path).header != self.header:
             raise ReplicaError(f"{self.path}: now holds a different replica than before")
+        # Slots still deferred go to the files that are there now, before a catch-up or
+        # a scrub reads them: as they would be had they been written with their records.
+        self.flush_deferred()
 
     def start_worker(self) -> None:
+        if self.worker is not None:  # its thread hung in a call: it is left behind
+            self._replaced_threads.add(self.worker.thread)
         self.worker = Worker(f"replica-{self.index}")
         self.housekeeper = Worker(f"replica-{self.index}-housekeeping")
+        self._flush_queued = False  # a flush queued on the replaced threads never runs
+
+    def _left_behind(self) -> bool:
+        """Is this call on a worker thread that hung and was replaced, come back late?
+        It must change nothing that the new threads own: the log's end, the deferred
+        slots, the replica's state."""
+        return threading.current_thread() in self._replaced_threads
 
     def close(self, timeout: float = 30.0) -> None:
         hung = False
@@ -381,12 +391,15 @@ class Replica:
         self._log_epoch += 1
 
     def _append(self, record: bytes) -> None:
-        end = self._log_end + len(record)
+        fd, start = self._log_fd, self._log_end
+        end = start + len(record)
         if end > self._log_allocated:
-            write_zeros(self._log_fd, self._log_allocated, end + LOG_CHUNK)
+            write_zeros(fd, self._log_allocated, end + LOG_CHUNK)
             self._log_allocated = end + LOG_CHUNK
-        pwrite_all(self._log_fd, record, self._log_end)
-        os.fdatasync(self._log_fd)
+        pwrite_all(fd, record, start)
+        os.fdatasync(fd)
+        if self._left_behind():  # the log it appended to may be another one by now
+            raise OSError(errno.EIO, "a call that hung came back after its replica was reopened")
         self._log_end = end
 
     def write_snapshot(self, keys: codec.Keys, tree: Tree, sealed: bytes | None = None,
@@ -611,6 +624,8 @@ class Replica:
         created = False
         layout = self.layout
         for file_id, slot, first, run in _write_runs(slots, layout.group):
+            if self._left_behind():  # what it was writing is owned by the new threads now
+                raise OSError(errno.EIO, "a call that hung came back after its replica was reopened")
             fd, new = self._data_fd((file_id, slot), create=True)
             created |= new
             heads: list[memoryview] = []
@@ -647,7 +662,8 @@ class Replica:
                 self.write_slots(slots)
             self._append(record)
         except OSError as exc:
-            self._write_failed(exc)
+            if not self._left_behind():
+                self._write_failed(exc)
             raise
         self.last_seq = seq
         if inline:
@@ -668,26 +684,39 @@ class Replica:
             self._deferred_files.add(file_id)
         if (len(self.deferred) * self.layout.size >= DEFERRED_FLUSH_BYTES
                 and not self._flush_queued):
-            if self.worker is not None and self.worker.runs_here():
-                self._flush_queued = True  # after this commit is answered, before the next
-                self.worker.submit(self.flush_deferred, lambda result, error: None)
-            else:
+            if self.worker is None:  # an offline tool
                 self.flush_deferred()
+            else:
+                self._flush_queued = True  # after this commit is answered, before the next
+                self.worker.submit(self.flush_deferred, self._flushed)
 
     def flush_deferred(self) -> None:
         """Write the deferred slots to the data files, unsynced (see _defer).  A failure
         faults the replica, as a failed commit would."""
-        self._flush_queued = False
-        if not self.deferred:
+        if self._left_behind():
             return
+        self._flush_queued = False
+        written = sorted(self.deferred.items())
         try:
-            self._write_slot_files([(file_id, block, slot, (raw,)) for (file_id, block, slot), raw
-                                    in sorted(self.deferred.items())], sync=False)
+            self._write_slot_files([(file_id, block, slot, (raw,))
+                                    for (file_id, block, slot), raw in written], sync=False)
         except OSError as exc:
-            self._write_failed(exc)
+            if not self._left_behind():
+                self._write_failed(exc)
             raise
-        self.deferred.clear()
-        self._deferred_files.clear()
+        for key, raw in written:
+            if self.deferred.get(key) is raw:
+                del self.deferred[key]
+        self._deferred_files = {key[0] for key in self.deferred}
+
+    def _flushed(self, result: object, error: BaseException | None) -> None:
+        """A queued flush_deferred ended (in the worker): nobody waits for it, so a failure
+        is told here, and faults the replica whatever its kind."""
+        if error is None or self._left_behind():
+            return
+        log.warning("replica %s: writing its deferred slots failed: %s", self.path, error)
+        if self.state == ONLINE:
+            self.mark(FAULTED, f"write failed: {error}")
 
     def _drop_deferred(self, dropped: Callable[[tuple[int, int, int]], bool]) -> None:
         for key in [key for key in self.deferred if dropped(key)]:

@@ -462,8 +462,12 @@ class Volume:
         out what a database rereads, and the kernel's page cache holds them anyway."""
         for ino in inos:
             blocks = self.inflight.pop(ino, {})
-            for index in blocks if cache_all else sorted(blocks)[-1:]:
-                self.reader.cache.put(ino, index, blocks[index])
+            last = max(blocks, default=None)
+            for index, data in blocks.items():
+                if cache_all or index == last:
+                    self.reader.cache.put(ino, index, data)
+                else:  # the version cached before this commit must not be served again
+                    self.reader.cache.discard(ino, index)
             if not self.dirty.get(ino):
                 self.dirty.pop(ino, None)
                 self.pending_size.pop(ino, None)

@@ -38,6 +38,10 @@ class Worker:
         self._submitted.append(time.monotonic())
         self._jobs.put((job, done))
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def runs_here(self) -> bool:
         """Is this its thread (not one a replacement left behind with a hung call)?"""
         return threading.current_thread() is self._thread

@@ -4,14 +4,17 @@ the data files in batches: in-process, on real replica directories."""
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
+import trio
+
 from conftest import make_volume
-from lnmirrorfs import format
+from lnmirrorfs import format, scrub
 from lnmirrorfs.cli.common import read_key_file
 from lnmirrorfs.namespace import Namespace
-from lnmirrorfs.replica import DEFERRED_FLUSH_BYTES
-from lnmirrorfs.volume import Volume
+from lnmirrorfs.replica import DEFERRED_FLUSH_BYTES, ONLINE
+from lnmirrorfs.volume import INLINE_BLOCKS, Options, Volume
 
 
 def data_file(replica: Path, ino: int, slot: int = 0) -> Path:
@@ -117,3 +120,82 @@ async def test_deferred_slots_are_written_out_past_the_limit(tmp_path):
     assert await volume.read(node.ino, 0, blocks * bs) == expected
     volume.close()
     assert await reopened_read(v, master, node.ino, blocks * bs) == expected
+
+
+async def test_a_flush_that_hung_and_comes_back_late_changes_nothing(tmp_path):
+    """A flush hangs (a NAS), the replica is faulted, gets new threads, is caught up and
+    takes new commits, and a snapshot cuts its log.  When the hung call returns, on the
+    thread left behind, it must not write its old slots over the new ones, which only
+    the data files hold now."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master, Options(deadline=0.3))
+    bs = volume.block_size
+    ns = Namespace(volume)
+    f = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    g = await ns.mknod(1, b"g", stat.S_IFREG | 0o644, 0, 0)
+    late = volume.replicas[1]
+    old_thread = late.worker._thread
+    hold, entered, returned = threading.Event(), threading.Event(), threading.Event()
+    write_slot_files = late._write_slot_files
+
+    def hangs_once(slots, sync):
+        if threading.current_thread() is old_thread and not sync and not entered.is_set():
+            entered.set()
+            hold.wait()
+            try:
+                return write_slot_files(slots, sync)
+            finally:
+                returned.set()
+        return write_slot_files(slots, sync)
+
+    late._write_slot_files = hangs_once
+    for chunk in range(5):  # past DEFERRED_FLUSH_BYTES: a flush is queued
+        await volume.write(f.ino, chunk * INLINE_BLOCKS * bs, bytes([65 + chunk]) * INLINE_BLOCKS * bs)
+        await volume.sync(f.ino)
+    with trio.fail_after(5):
+        while not entered.is_set():
+            await trio.sleep(0.01)
+    await volume.write(g.ino, 0, b"G" * bs)
+    with trio.fail_after(30):  # the replica faults, gets new threads, is caught up
+        await volume.sync(g.ino)
+    assert late.state == ONLINE and late.worker._thread is not old_thread
+    for text in (b"X", b"Y"):  # block 0 back into its first slot, newer
+        await volume.write(f.ino, 0, text * bs)
+        await volume.sync(f.ino)
+    await volume.write(g.ino, bs, b"H" * bs)
+    await volume.sync(g.ino)
+    async with volume.lock:
+        await volume.snapshot()  # the log goes: the data files hold everything
+    hold.set()
+    with trio.fail_after(5):
+        while not returned.is_set():
+            await trio.sleep(0.01)
+    assert late.state == ONLINE
+    volume.close()
+    v.replicas[0].rename(tmp_path / "away")
+    alone = Volume.open([str(v.replicas[1])], master, writable=False)
+    try:
+        assert await alone.read(f.ino, 0, bs) == b"Y" * bs
+        assert await alone.read(f.ino, bs, bs) == b"A" * bs
+        assert await alone.read(g.ino, 0, 2 * bs) == b"G" * bs + b"H" * bs
+    finally:
+        alone.close()
+
+
+async def test_a_live_scrub_of_a_faulted_replica_keeps_its_deferred_shares(tmp_path):
+    """k = 2: each replica holds a share no other has.  A replica faults with shares
+    deferred; a live scrub reopens and heals it: its deferred shares must reach its data
+    files first, or its log goes with the heal's snapshot and the blocks with it."""
+    v = make_volume(tmp_path / "vol", n=2, k=2)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master)
+    bs = volume.block_size
+    f = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(f.ino, 0, b"A" * 4 * bs)
+    await volume.sync(f.ino)
+    volume.replica_set.fault(volume.replicas[1], "no answer within 10s")
+    report = await scrub.scrub(volume)
+    assert report.unrepairable == [], report.as_dict()
+    volume.close()
+    assert await reopened_read(v, master, f.ino, 4 * bs) == b"A" * 4 * bs
