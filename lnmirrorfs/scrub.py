@@ -169,6 +169,12 @@ async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_s
     if dry_run:
         report.healed_replicas += [f"{r.path} (would heal: {r.state}, {r.reason})" for r in lagging]
         return
+    if report.unrepairable:
+        # A snapshot would cut their logs, which may hold the only shares of those blocks
+        # left (inline slots lost from the data files by a power cut): keep them as they are.
+        report.unrepairable += [f"{r.path}: not healed, its log is kept: some blocks could not "
+                                f"be rebuilt" for r in lagging]
+        return
     sealed = volume.seal_snapshot()
     done = await volume.replica_set.run_jobs(
         [(r, partial(install_snapshot, volume, r, sealed)) for r in lagging], len(lagging))

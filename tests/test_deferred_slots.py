@@ -199,3 +199,34 @@ async def test_a_live_scrub_of_a_faulted_replica_keeps_its_deferred_shares(tmp_p
     assert report.unrepairable == [], report.as_dict()
     volume.close()
     assert await reopened_read(v, master, f.ino, 4 * bs) == b"A" * 4 * bs
+
+
+async def test_a_scrub_with_unrepairable_blocks_keeps_a_lagging_replicas_log(tmp_path):
+    """Some block has no good share left anywhere: a faulted replica is not healed with a
+    snapshot, which would cut its log, maybe the last place some shares are."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master)
+    bs = volume.block_size
+    ns = Namespace(volume)
+    f = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(f.ino, 0, b"F" * bs)
+    await volume.sync(f.ino)
+    async with volume.lock:
+        await volume.snapshot()
+    layout = format.SlotLayout.of(bs, 1)
+    for r in v.replicas:  # block 0 of f goes bad everywhere
+        with open(data_file(r, f.ino), "r+b") as out:
+            out.seek(layout.body_offset(0))
+            out.write(b"rot")
+    g = await ns.mknod(1, b"g", stat.S_IFREG | 0o644, 0, 0)
+    await volume.write(g.ino, 0, b"G" * bs)
+    await volume.sync(g.ino)
+    lagging = volume.replicas[1]
+    volume.replica_set.fault(lagging, "no answer within 10s")
+    log_size = (v.replicas[1] / "meta" / "log").stat().st_size
+    report = await scrub.scrub(volume)
+    assert any("its log is kept" in line for line in report.unrepairable), report.unrepairable
+    assert lagging.state != ONLINE
+    assert (v.replicas[1] / "meta" / "log").stat().st_size == log_size
+    volume.close()
