@@ -113,7 +113,8 @@ class Volume:
         self.committed = tree.seq                # highest record known acknowledged
         self.heal_progress: dict | None = None   # a live scrub's {"done", "total"} bytes
         self.lock = trio.Lock()                  # serializes check + commit + apply
-        self.dirty: dict[int, dict[int, bytearray]] = {}
+        # Buffered blocks: whole ones as written (bytes), partly written ones as bytearray.
+        self.dirty: dict[int, dict[int, bytes | bytearray]] = {}
         self.inflight: dict[int, dict[int, bytes]] = {}
         self.pending_size: dict[int, int] = {}
         self.pending_mtime: dict[int, int] = {}
@@ -478,7 +479,7 @@ class Volume:
         for ino in inos:
             dirty = self.dirty.setdefault(ino, {})
             for index, data in self.inflight.pop(ino, {}).items():
-                dirty.setdefault(index, bytearray(data))
+                dirty.setdefault(index, data)
 
     def seal_snapshot(self) -> bytes:
         """The current tree, sealed, with the highest record known acknowledged: a snapshot
@@ -568,6 +569,8 @@ class Volume:
         if buf is None:
             old = await self.reader.read_block(node, index)
             buf = self.dirty.setdefault(node.ino, {}).setdefault(index, bytearray(old))
+        if isinstance(buf, bytes):  # a whole block written before: copied only now
+            buf = self.dirty[node.ino][index] = bytearray(buf)
         return buf
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
@@ -578,7 +581,7 @@ class Volume:
             index, lo = divmod(offset + pos, bs)
             take = min(bs - lo, len(data) - pos)
             if take == bs:
-                self.dirty.setdefault(ino, {})[index] = bytearray(data[pos:pos + bs])
+                self.dirty.setdefault(ino, {})[index] = bytes(data[pos:pos + bs])  # one copy
             else:
                 buf = await self._dirty_block(node, index)
                 buf[lo:lo + take] = data[pos:pos + take]
