@@ -51,6 +51,7 @@ DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub r
 # Inline records' slots wait in memory (the log holds them durably) up to this many bytes
 # per replica before they are written to the data files in one batch.
 DEFERRED_FLUSH_BYTES = 1 << 20
+FLUSH_SLICE_SLOTS = 64  # slots a queued flush writes before the commits queued behind it go
 
 
 class ReplicaError(Exception):
@@ -687,16 +688,28 @@ class Replica:
             if self.worker is None:  # an offline tool
                 self.flush_deferred()
             else:
-                self._flush_queued = True  # after this commit is answered, before the next
-                self.worker.submit(self.flush_deferred, self._flushed)
+                self._flush_queued = True  # after this commit is answered
+                self.worker.submit(self._flush_slice, self._flushed)
 
-    def flush_deferred(self) -> None:
-        """Write the deferred slots to the data files, unsynced (see _defer).  A failure
-        faults the replica, as a failed commit would."""
+    def _flush_slice(self) -> None:
+        """The queued flush, a slice at a time: the rest goes back in the queue, behind the
+        commits that came meanwhile (a whole megabyte at once held one up by milliseconds),
+        until half the limit is left."""
+        if self._left_behind():
+            return
+        self.flush_deferred(None if self.worker.stopping else FLUSH_SLICE_SLOTS)
+        if len(self.deferred) * self.layout.size > DEFERRED_FLUSH_BYTES // 2:
+            self._flush_queued = True
+            self.worker.submit(self._flush_slice, self._flushed)
+
+    def flush_deferred(self, most: int | None = None) -> None:
+        """Write the deferred slots (the `most` first of them, by file and block) to the
+        data files, unsynced (see _defer).  A failure faults the replica, as a failed
+        commit would."""
         if self._left_behind():
             return
         self._flush_queued = False
-        written = sorted(self.deferred.items())
+        written = sorted(self.deferred.items())[:most]
         try:
             self._write_slot_files([(file_id, block, slot, (raw,))
                                     for (file_id, block, slot), raw in written], sync=False)
