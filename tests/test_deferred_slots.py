@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from conftest import make_volume
+from conftest import VolumeDirs, make_volume
 from lnmirrorfs import format, scrub
 from lnmirrorfs.cli.common import read_key_file
 from lnmirrorfs.namespace import Namespace
@@ -19,6 +19,15 @@ from lnmirrorfs.volume import INLINE_BLOCKS, Options, Volume
 
 def data_file(replica: Path, ino: int, slot: int = 0) -> Path:
     return replica / "data" / format.data_name(ino, slot)
+
+
+def open_volume(tmp_path: Path, k: int = 1, options: Options | None = None
+                ) -> tuple[VolumeDirs, bytes, Volume, Namespace]:
+    """A fresh n=2 volume, opened in-process."""
+    v = make_volume(tmp_path / "vol", n=2, k=k)
+    master = read_key_file(str(v.key))
+    volume = Volume.open([str(r) for r in v.replicas], master, options)
+    return v, master, volume, Namespace(volume)
 
 
 async def reopened_read(dirs, master: bytes, ino: int, length: int) -> bytes:
@@ -33,11 +42,8 @@ async def test_a_file_freed_before_the_snapshot_never_reaches_the_data_files(tmp
     """SQLite's rollback journal: created, written, synced and deleted within a commit.
     Its slots stay in memory (reads find them there) and are dropped with the file; a
     file that stays is written out and synced by the snapshot."""
-    v = make_volume(tmp_path / "vol", n=2, k=1)
-    master = read_key_file(str(v.key))
-    volume = Volume.open([str(r) for r in v.replicas], master)
+    v, master, volume, ns = open_volume(tmp_path, k=1)
     bs = volume.block_size
-    ns = Namespace(volume)
     journal = await ns.mknod(1, b"db-journal", stat.S_IFREG | 0o644, 0, 0)
     db = await ns.mknod(1, b"db", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(journal.ino, 0, b"j" * 3 * bs)
@@ -63,11 +69,9 @@ async def test_a_file_freed_before_the_snapshot_never_reaches_the_data_files(tmp
 async def test_a_crash_before_the_flush_leaves_the_slots_in_the_log(tmp_path):
     """The volume is dropped without its unmount snapshot (as kill -9 would): the slots
     were never written to the data files, and the next open redoes them from the log."""
-    v = make_volume(tmp_path / "vol", n=2, k=1)
-    master = read_key_file(str(v.key))
-    volume = Volume.open([str(r) for r in v.replicas], master)
+    v, master, volume, ns = open_volume(tmp_path, k=1)
     bs = volume.block_size
-    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    node = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(node.ino, 0, b"x" * 5 * bs)
     await volume.sync(node.ino)
     volume.close()  # no snapshot
@@ -81,11 +85,8 @@ async def test_a_crash_before_the_flush_leaves_the_slots_in_the_log(tmp_path):
 
 async def test_deferred_slots_past_a_truncation_are_not_written(tmp_path):
     """Blocks cut off by a truncate are dropped from memory, not written past the end."""
-    v = make_volume(tmp_path / "vol", n=2, k=1)
-    master = read_key_file(str(v.key))
-    volume = Volume.open([str(r) for r in v.replicas], master)
+    v, master, volume, ns = open_volume(tmp_path, k=1)
     bs = volume.block_size
-    ns = Namespace(volume)
     node = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(node.ino, 0, b"t" * 8 * bs)
     await volume.sync(node.ino)
@@ -102,11 +103,9 @@ async def test_deferred_slots_past_a_truncation_are_not_written(tmp_path):
 async def test_deferred_slots_are_written_out_past_the_limit(tmp_path):
     """Memory is bounded: past DEFERRED_FLUSH_BYTES per replica the slots are written
     (unsynced: the log holds them until the next snapshot syncs the files)."""
-    v = make_volume(tmp_path / "vol", n=2, k=1)
-    master = read_key_file(str(v.key))
-    volume = Volume.open([str(r) for r in v.replicas], master)
+    v, master, volume, ns = open_volume(tmp_path, k=1)
     bs = volume.block_size
-    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    node = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     blocks = 2 * DEFERRED_FLUSH_BYTES // bs
     for index in range(blocks):  # one block per commit: every record is inline
         await volume.write(node.ino, index * bs, index.to_bytes(4, "big") * (bs // 4))
@@ -127,11 +126,8 @@ async def test_a_flush_that_hung_and_comes_back_late_changes_nothing(tmp_path):
     takes new commits, and a snapshot cuts its log.  When the hung call returns, on the
     thread left behind, it must not write its old slots over the new ones, which only
     the data files hold now."""
-    v = make_volume(tmp_path / "vol", n=2, k=1)
-    master = read_key_file(str(v.key))
-    volume = Volume.open([str(r) for r in v.replicas], master, Options(deadline=0.3))
+    v, master, volume, ns = open_volume(tmp_path, k=1, options=Options(deadline=0.3))
     bs = volume.block_size
-    ns = Namespace(volume)
     f = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     g = await ns.mknod(1, b"g", stat.S_IFREG | 0o644, 0, 0)
     late = volume.replicas[1]
@@ -187,11 +183,9 @@ async def test_a_live_scrub_of_a_faulted_replica_keeps_its_deferred_shares(tmp_p
     """k = 2: each replica holds a share no other has.  A replica faults with shares
     deferred; a live scrub reopens and heals it: its deferred shares must reach its data
     files first, or its log goes with the heal's snapshot and the blocks with it."""
-    v = make_volume(tmp_path / "vol", n=2, k=2)
-    master = read_key_file(str(v.key))
-    volume = Volume.open([str(r) for r in v.replicas], master)
+    v, master, volume, ns = open_volume(tmp_path, k=2)
     bs = volume.block_size
-    f = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    f = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(f.ino, 0, b"A" * 4 * bs)
     await volume.sync(f.ino)
     volume.replica_set.fault(volume.replicas[1], "no answer within 10s")
@@ -204,11 +198,8 @@ async def test_a_live_scrub_of_a_faulted_replica_keeps_its_deferred_shares(tmp_p
 async def test_a_scrub_with_unrepairable_blocks_keeps_a_lagging_replicas_log(tmp_path):
     """Some block has no good share left anywhere: a faulted replica is not healed with a
     snapshot, which would cut its log, maybe the last place some shares are."""
-    v = make_volume(tmp_path / "vol", n=2, k=1)
-    master = read_key_file(str(v.key))
-    volume = Volume.open([str(r) for r in v.replicas], master)
+    v, master, volume, ns = open_volume(tmp_path, k=1)
     bs = volume.block_size
-    ns = Namespace(volume)
     f = await ns.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
     await volume.write(f.ino, 0, b"F" * bs)
     await volume.sync(f.ino)
