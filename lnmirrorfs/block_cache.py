@@ -40,9 +40,7 @@ class BlockCache:
             return
         for index in [i for i in indexes if i >= first]:
             del self._blocks[(ino, index)]
-            indexes.discard(index)
-        if not indexes:
-            del self._of_inode[ino]
+            self._forget_index(ino, index)
 
     def clear(self) -> None:
         self._blocks.clear()

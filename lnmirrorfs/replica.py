@@ -49,7 +49,7 @@ LOG_CHUNK = 4 << 20
 PUNCH_SLICE_SECONDS = 0.002  # the longest a worker frees stale slots before commits go again
 DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub removes leftovers)
 # Inline records' slots wait in memory (the log holds them durably) up to this many bytes
-# per replica before they are written to the data files in one batch.
+# per replica before a queued job writes them to the data files, a slice at a time.
 DEFERRED_FLUSH_BYTES = 1 << 20
 FLUSH_SLICE_SLOTS = 64  # slots a queued flush writes before the commits queued behind it go
 
@@ -116,8 +116,7 @@ class Replica:
     # A read-only open: the slots that only its log holds.
     overlay: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
     deferred: dict[tuple[int, int, int], bytes] = field(default_factory=dict)  # see _defer
-    _deferred_files: set[int] = field(default_factory=set)  # the file ids in `deferred`
-    _flush_queued: bool = False
+    _flush_queued: bool = False  # a _flush_slice job is in the worker's queue
     _replaced_threads: set[threading.Thread] = field(default_factory=set)  # see _left_behind
     _log_fd: int | None = None
     _log_end: int = 0
@@ -676,13 +675,12 @@ class Replica:
 
     def _defer(self, slots: list[format.SlotWrite]) -> None:
         """Keep an inline record's slots in memory (reads find them here) and write them
-        to the data files later, in one batch: a slot rewritten meanwhile is written once,
+        to the data files later, in batches: a slot rewritten meanwhile is written once,
         and those of a file freed meanwhile (SQLite's rollback journal, every commit) are
         never written.  Its log holds them durably until a snapshot, and every snapshot
         writes and syncs them first; a crash before that redoes them from the log."""
         for file_id, block, slot, data in slots:
             self.deferred[(file_id, block, slot)] = b"".join(data)
-            self._deferred_files.add(file_id)
         if (len(self.deferred) * self.layout.size >= DEFERRED_FLUSH_BYTES
                 and not self._flush_queued):
             if self.worker is None:  # an offline tool
@@ -697,6 +695,7 @@ class Replica:
         until half the limit is left."""
         if self._left_behind():
             return
+        self._flush_queued = False
         self.flush_deferred(None if self.worker.stopping else FLUSH_SLICE_SLOTS)
         if len(self.deferred) * self.layout.size > DEFERRED_FLUSH_BYTES // 2:
             self._flush_queued = True
@@ -708,7 +707,6 @@ class Replica:
         commit would."""
         if self._left_behind():
             return
-        self._flush_queued = False
         written = sorted(self.deferred.items())[:most]
         try:
             self._write_slot_files([(file_id, block, slot, (raw,))
@@ -720,7 +718,6 @@ class Replica:
         for key, raw in written:
             if self.deferred.get(key) is raw:
                 del self.deferred[key]
-        self._deferred_files = {key[0] for key in self.deferred}
 
     def _flushed(self, result: object, error: BaseException | None) -> None:
         """A queued flush_deferred ended (in the worker): nobody waits for it, so a failure
@@ -732,9 +729,10 @@ class Replica:
             self.mark(FAULTED, f"write failed: {error}")
 
     def _drop_deferred(self, dropped: Callable[[tuple[int, int, int]], bool]) -> None:
+        """Forget deferred slots of a file truncated or freed (at most a megabyte's worth
+        to look through)."""
         for key in [key for key in self.deferred if dropped(key)]:
             del self.deferred[key]
-        self._deferred_files = {key[0] for key in self.deferred}
 
     def read_shares(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
         """read_slots for serving reads: only from an online replica, errors counted."""
@@ -793,8 +791,7 @@ class Replica:
             job()
 
     def truncate_data(self, file_id: int, blocks: int) -> None:
-        if file_id in self._deferred_files:
-            self._drop_deferred(lambda key: key[0] == file_id and key[1] >= blocks)
+        self._drop_deferred(lambda key: key[0] == file_id and key[1] >= blocks)
         for slot in range(format.SLOTS):
             fd, _ = self._data_fd((file_id, slot), create=False)
             if fd is not None:
@@ -805,8 +802,7 @@ class Replica:
         seconds (longer than the deadline on a slow disk), so this job only closes and
         renames them; the unlinks run on the replica's housekeeping thread, off the queue
         that commits wait in."""
-        if file_id in self._deferred_files:
-            self._drop_deferred(lambda key: key[0] == file_id)
+        self._drop_deferred(lambda key: key[0] == file_id)
         for slot in range(format.SLOTS):
             fd = self._data_fds.pop((file_id, slot), None)
             if fd is not None:
