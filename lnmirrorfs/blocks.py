@@ -183,13 +183,12 @@ class BlockReader:
 
     def _share_ok(self, r: Replica, ino: int, index: int, gen: int, term: int,
                   raw: bytes) -> bytes | None:
-        """The share in a raw slot if it is the right generation and its checksum holds."""
+        """The share in a raw slot if it is the right generation and checks out (share_ok)."""
         got_gen, checksum, share = format.unpack_slot(raw)
-        if got_gen != gen:
+        if got_gen != gen or not codec.share_ok(self.keys, self.volume_id, self.k, ino, index, gen,
+                                                term, r.index, checksum, share):
             return None
-        expected = codec.share_checksum(self.keys, self.volume_id, ino, index, gen, term,
-                                        r.index, share)
-        return share if checksum == expected else None
+        return share
 
     def check_slots(self, r: Replica, ino: int, wanted: list[tuple[int, int, int, int]],
                     raws: list[bytes]) -> Checked:

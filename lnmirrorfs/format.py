@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from . import codec
 
 MAGIC = b"LNMIRROR"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 HEADER_NAME = "lnmirror.hdr"
 LOG_NAME = "log"
 SPARE_LOG_NAME = "log.new"
@@ -26,7 +26,7 @@ META_DIR = "meta"
 DATA_DIR = "data"
 LOCK_NAME = "lock"
 
-_HEADER = struct.Struct("<8sH16sBBBxI16s")
+_HEADER = struct.Struct("<8sH16sBBBBI16s")  # ... share index, cipher id, block size ...
 # body, then an unkeyed checksum (tells a damaged header from a foreign one without the key),
 # then a keyed MAC (a header whose share index or k was edited without the key is refused)
 HEADER_SIZE = _HEADER.size + 2 * codec.CHECKSUM_BYTES
@@ -50,12 +50,13 @@ class Header:
     share_index: int
     block_size: int
     key_check: bytes
+    cipher: int  # codec.CIPHERS: the AEAD every block and record is sealed with
     version: int = FORMAT_VERSION
     mac: bytes = field(default=b"", compare=False)  # as read; pack() computes it anew
 
     def _body(self) -> bytes:
         return _HEADER.pack(MAGIC, self.version, self.volume_id, self.k, self.n,
-                            self.share_index, self.block_size, self.key_check)
+                            self.share_index, self.cipher, self.block_size, self.key_check)
 
     def pack(self, keys: codec.Keys) -> bytes:
         body = self._body()
@@ -89,14 +90,22 @@ class Header:
                               "release that wrote it, then init a new volume")
         if not whole:
             raise HeaderDamaged("replica header is truncated or has trailing bytes")
-        _, version, volume_id, k, n, index, block_size, key_check = _HEADER.unpack(body)
-        if not 1 <= k <= n or block_size <= 0:
-            raise HeaderDamaged(f"replica header has impossible values k={k} n={n}")
-        return cls(volume_id, k, n, index, block_size, key_check, version, mac)
+        _, version, volume_id, k, n, index, cipher, block_size, key_check = _HEADER.unpack(body)
+        if not 1 <= k <= n or block_size <= 0 or cipher not in codec.CIPHERS:
+            raise HeaderDamaged(f"replica header has impossible values k={k} n={n} cipher={cipher}")
+        return cls(volume_id, k, n, index, block_size, key_check, cipher, version, mac)
 
     @property
     def volume_hex(self) -> str:
         return self.volume_id.hex()
+
+    @property
+    def aead(self) -> codec.Cipher:
+        return codec.CIPHERS[self.cipher]
+
+    @property
+    def layout(self) -> SlotLayout:
+        return SlotLayout.of(self.block_size, self.k, self.aead.overhead)
 
 
 def _checksum(body: bytes) -> bytes:
@@ -115,8 +124,9 @@ PAGE = 4096  # the filesystem block a hole punch frees whole
 BODY_ALIGN = 64  # a slot's body is the share's last multiple of this many bytes
 
 
-def share_size(block_size: int, k: int) -> int:
-    return codec.share_length(block_size + codec.SEALED_OVERHEAD, k)
+def share_size(block_size: int, k: int, overhead: int) -> int:
+    """The share of a block sealed with `overhead` bytes (nonce and tag) more."""
+    return codec.share_length(block_size + overhead, k)
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ class SlotLayout:
     """Where a block's slot lies in a slot file.
 
     A slot is its head (generation, checksum, and the first `share % 64` bytes of the share:
-    for k = 1 the AEAD's 40 bytes) and its body (the rest: for k = 1 exactly one block of
+    for k = 1 the AEAD's nonce and tag, 40 or 56 bytes) and its body (the rest: for k = 1 exactly one block of
     ciphertext).  Slots are stored in groups: the heads of `group` blocks packed in whole
     pages, then their bodies, so bodies are page-aligned where their size allows and a
     stale one can be punched out whole, freeing its disk blocks (`body_pages`)."""
@@ -136,8 +146,8 @@ class SlotLayout:
 
     @staticmethod
     @functools.cache
-    def of(block_size: int, k: int) -> SlotLayout:
-        share = share_size(block_size, k)
+    def of(block_size: int, k: int, overhead: int) -> SlotLayout:
+        share = share_size(block_size, k, overhead)
         body = share // BODY_ALIGN * BODY_ALIGN
         head = SLOT_HEAD_SIZE + share - body
         step = PAGE // math.gcd(body, PAGE)  # groups of bodies that fill whole pages

@@ -137,8 +137,8 @@ async def heal_chunk(volume: Volume, read: ChunkRead, targets: list[Replica], re
         term = volume.tree.term_of(gen)
         shares = _rebuild_shares(volume, ino, block, gen, term, good)
         for r in bad:
-            checksum = codec.share_checksum(volume.keys, volume.volume_id, ino, block, gen, term,
-                                            r.index, shares[r.index])
+            checksum = codec.slot_checksum(volume.keys, volume.volume_id, volume.k, ino, block,
+                                           gen, term, r.index, shares[r.index])
             writes.setdefault(r, []).append((ino, block, entry_slot(entry),
                                              format.pack_slot(gen, checksum, shares[r.index])))
             healed_blocks.setdefault(r, []).append(block)
@@ -154,7 +154,7 @@ async def heal_chunk(volume: Volume, read: ChunkRead, targets: list[Replica], re
 
 def _rebuild_shares(volume: Volume, ino: int, block: int, gen: int, term: int,
                     good: dict[int, bytes]) -> list[bytes]:
-    sealed = codec.fec_decode(good, volume.k, volume.n, volume.block_size + codec.SEALED_OVERHEAD)
+    sealed = codec.fec_decode(good, volume.k, volume.n, volume.block_size + volume.keys.cipher.overhead)
     codec.decrypt_block(volume.keys, volume.volume_id, ino, block, gen, term, sealed)  # authenticates
     return codec.fec_encode(sealed, volume.k, volume.n)
 

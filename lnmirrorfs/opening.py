@@ -87,7 +87,7 @@ def open_replicas(paths: list[str], master: bytes,
     _infer_header(replicas, reference)
     if len(replicas) > reference.header.n:
         raise VolumeError(f"{len(replicas)} replicas given but the volume has n={reference.header.n}")
-    return replicas, keys
+    return replicas, keys.using(reference.header.aead)
 
 
 def open_returned(path: str, reference: Replica, keys: codec.Keys, held: set[int]) -> Replica:
@@ -122,8 +122,9 @@ def _check_headers(replicas: list[Replica], reference: Replica, keys: codec.Keys
         if not h.authentic(keys):
             _unheader(r, "header does not authenticate (edited without the key, or damaged)")
             continue
-        if (h.k, h.n, h.block_size) != (ref.k, ref.n, ref.block_size):
-            raise VolumeError(f"{r.path}: header disagrees with {reference.path} on k/n/block size")
+        if (h.k, h.n, h.block_size, h.cipher) != (ref.k, ref.n, ref.block_size, ref.cipher):
+            raise VolumeError(f"{r.path}: header disagrees with {reference.path} on "
+                              "k/n/block size/cipher")
         if h.share_index >= h.n:
             _unheader(r, f"header names share {h.share_index}, the volume has only {h.n}")
             continue

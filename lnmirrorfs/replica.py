@@ -367,9 +367,9 @@ class Replica:
                 raw = inline[pos:pos + size]
                 pos += size
                 gen, checksum, share = format.unpack_slot(raw)
-                if gen != head.seq or checksum != codec.share_checksum(
-                        keys, h.volume_id, op["ino"], packed >> 1, head.seq, head.term,
-                        h.share_index, share):
+                if gen != head.seq or not codec.share_ok(
+                        keys, h.volume_id, h.k, op["ino"], packed >> 1, head.seq, head.term,
+                        h.share_index, checksum, share):
                     raise codec.CodecError(f"record {head.seq}: torn or damaged inline slot")
                 out[(op["ino"], packed >> 1, packed & 1)] = raw
         if pos != len(inline):
@@ -586,7 +586,7 @@ class Replica:
 
     @property
     def layout(self) -> format.SlotLayout:
-        return format.SlotLayout.of(self.header.block_size, self.header.k)
+        return self.header.layout
 
     def _data_fd(self, data_file: format.DataFile, create: bool) -> tuple[int | None, bool]:
         """An open fd for a slot file (cached); returns (fd, created)."""

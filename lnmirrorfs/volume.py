@@ -102,6 +102,7 @@ class Volume:
         self.options = options
         self.volume_id = header.volume_id
         self.k, self.n, self.block_size = header.k, header.n, header.block_size
+        self.layout = header.layout
         self.members = Membership(self.replica_set, tree, self.k, self.n)
         self.suspended = ""                      # why changes fail with EIO (quorum lost too long)
         self.waiting = ""                        # why a change is waiting for replicas
@@ -510,7 +511,7 @@ class Volume:
         the volume's own under the volume lock).  A replica that misses this snapshot
         keeps them (until the blocks' next versions reuse them)."""
         stale = Once(partial(stale_pages, tree, self.rewritten,
-                             format.SlotLayout.of(self.block_size, self.k)))
+                             self.layout))
         self.rewritten = set()
         return stale
 
@@ -744,7 +745,8 @@ class Volume:
                  else "ONLINE" if healthy else "DEGRADED")
         return {"volume": self.volume_id.hex(), "state": state,
                 "reason": self.suspended or self.waiting or self.members.risk(),
-                "k": self.k, "n": self.n, "quorum": self.members.quorum, "record": self.tree.seq,
+                "k": self.k, "n": self.n, "quorum": self.members.quorum, "cipher": self.keys.cipher.name,
+                "record": self.tree.seq,
                 "written_ms": self.tree.time_ms, "committed": self.committed,
                 "term": statechoice.term_number(self.term or self.tree.term),
                 "doubt": self.choice.doubt if self.choice else "",

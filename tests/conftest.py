@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lnmirrorfs import format
+
 REPO = Path(__file__).resolve().parent.parent
 MOUNT = [sys.executable, str(REPO / "mount_lnmirror")]
 LNMIRROR = [sys.executable, "-m", "lnmirrorfs"]
@@ -96,8 +98,15 @@ def make_volume(root: Path, n: int = 2, k: int = 1, replica_paths: list[Path] | 
     args = ["init", "-k", str(k), "--key-file", str(key)]
     for r in replicas:
         args += ["--replica", str(r)]
+    if os.environ.get("LNMIRROR_TEST_CIPHER") and "--cipher" not in extra:
+        args += ["--cipher", os.environ["LNMIRROR_TEST_CIPHER"]]  # default: the CPU's (auto)
     lnmirror(*args, *extra)
     return VolumeDirs(root, replicas, key, k)
+
+
+def replica_layout(replica: Path) -> format.SlotLayout:
+    """Where a replica's slots lie, as its header says (block size, k and cipher)."""
+    return format.Header.unpack((replica / format.HEADER_NAME).read_bytes()).layout
 
 
 class Mount:

@@ -108,6 +108,7 @@ class History:
         self.rng = random.Random(seed)
         # drawn apart, so a seed's history with 512-byte blocks is what it always was
         self.block = block_size or random.Random(f"block size {seed}").choice(BLOCK_SIZES)
+        self.cipher = random.Random(f"cipher {seed}").choice(list(codec.CIPHERS.values()))
         self.root = root
         self.n = self.rng.choice([2, 2, 3, 3])
         self.k = self.rng.choice([1, 1, 2]) if self.n == 3 else 1
@@ -136,13 +137,13 @@ class History:
     # ---- setup ----
 
     def _create(self) -> None:
-        keys = codec.Keys.derive(self.master)
+        keys = codec.Keys.derive(self.master, self.cipher)
         volume_id = os.urandom(16)
         tree = Tree.new(self.block, 0, 0, 0, self.w)
         for index, path in enumerate(self.paths):
             path.mkdir()
             header = format.Header(volume_id, self.k, self.n, index, self.block,
-                                   codec.key_check(keys, volume_id))
+                                   codec.key_check(keys, volume_id), self.cipher.id)
             Replica.create(str(path), header, keys, tree).close()
 
     def note(self, what: str) -> None:
@@ -153,7 +154,8 @@ class History:
         self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
 
     def fail(self, why: str) -> None:
-        raise Violation(f"seed {self.seed} (n={self.n} k={self.k} block {self.block}): {why}\n  steps: "
+        raise Violation(f"seed {self.seed} (n={self.n} k={self.k} block {self.block} "
+                        f"{self.cipher.name}): {why}\n  steps: "
                         + "; ".join(self.trace[-40:]))
 
     # ---- the run ----
@@ -312,7 +314,7 @@ class History:
         Checked while the volume's threads are quiet (settled); replicas whose data was
         flipped, or whose log or snapshot does not load whole, are skipped."""
         self.settle()
-        keys = codec.Keys.derive(self.master)
+        keys = codec.Keys.derive(self.master, self.cipher)
         for r in volume.replicas:
             if (r.header is None or r.state == ONLINE  # an online one serves: reads check it
                     or r.index in self.away or r.index in self.data_damage
@@ -594,7 +596,7 @@ class History:
         for name in sorted(self._data_files(index)):  # a freed file's rename, undone
             if name.endswith(DELETED_SUFFIX) and self.rng.random() < 0.5:
                 os.replace(data / name, data / name[:-len(DELETED_SUFFIX)])
-        layout = format.SlotLayout.of(self.block, self.k)
+        layout = format.SlotLayout.of(self.block, self.k, self.cipher.overhead)
         for name in sorted(n for n in self._data_files(index) if not n.endswith(DELETED_SUFFIX)):
             f = data / name
             raw = bytearray(f.read_bytes())
@@ -610,7 +612,7 @@ class History:
         killed (inline, not synced)?  A snapshot the replica wrote since (a catch-up's, a
         scrub's) synced it first."""
         raw = (self.paths[index] / "data" / name).read_bytes()
-        offset = format.SlotLayout.of(self.block, self.k).head_offset(block)
+        offset = format.SlotLayout.of(self.block, self.k, self.cipher.overhead).head_offset(block)
         gen = format.unpack_slot(raw[offset:offset + format.SLOT_HEAD_SIZE])[0]
         return gen > self.synced.get(index, (self.open_seq,))[0]
 

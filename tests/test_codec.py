@@ -27,6 +27,8 @@ volume_ids = st.binary(min_size=16, max_size=16)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 block_sizes = st.sampled_from(BLOCK_SIZES)
 kns = st.sampled_from(KN)
+CIPHERS = list(codec.CIPHERS.values())
+ciphers = st.sampled_from(CIPHERS)
 
 
 def fast(n: int):
@@ -40,7 +42,7 @@ def blocks(draw, k: int | None = None, n: int | None = None):
         k, n = draw(kns)
     bs = draw(block_sizes)
     return {
-        "keys": codec.Keys.derive(draw(masters)),
+        "keys": codec.Keys.derive(draw(masters), draw(ciphers)),
         "vid": draw(volume_ids),
         "fid": draw(u64),
         "blk": draw(u64),
@@ -69,6 +71,13 @@ def checksum(b: dict, index: int, share: bytes, **moved) -> bytes:
                                 index, share)
 
 
+def ok(b: dict, index: int, stored: bytes, share: bytes, **moved) -> bool:
+    """Does a share with the checksum its slot stores pass the check reads and scrub make?"""
+    loc = {"vid": b["vid"], "fid": b["fid"], "blk": b["blk"], "gen": b["gen"], "term": b["term"], **moved}
+    return codec.share_ok(b["keys"], loc["vid"], b["k"], loc["fid"], loc["blk"], loc["gen"],
+                          loc["term"], index, stored, share)
+
+
 def ctx(seq: int) -> bytes:
     """A record head's context bytes (what seal_record binds), here just a number."""
     return struct.pack("<Q", seq)
@@ -89,12 +98,14 @@ def test_block_round_trip(k, n, data):
     b = data.draw(blocks(k, n))
     pairs = encode(b)
     assert len(pairs) == n
-    size = codec.share_length(b["bs"] + codec.SEALED_OVERHEAD, k)
-    assert size == format.share_size(b["bs"], k)
+    size = codec.share_length(b["bs"] + b["keys"].cipher.overhead, k)
+    assert size == format.share_size(b["bs"], k, b["keys"].cipher.overhead)
     for i, (cs, share) in enumerate(pairs):
         assert len(share) == size
         assert len(cs) == codec.CHECKSUM_BYTES
-        assert cs == checksum(b, i, share)
+        # k = 1: the share is the sealed block, its AEAD tag is its check (no checksum stored)
+        assert cs == (codec.NO_CHECKSUM if k == 1 else checksum(b, i, share))
+        assert ok(b, i, cs, share)
     assert decode(b, {i: s for i, (_, s) in enumerate(pairs)}) == b["pt"]
     assert decode(b, {i: pairs[i][1] for i in range(k)}) == b["pt"]
     # A fresh nonce every time: sealing the same block twice never gives the same shares.
@@ -136,7 +147,7 @@ def test_fec_round_trip_any_length(data, kn):
 
 @given(b=blocks(), data=st.data())
 @fast(200)
-def test_any_flipped_bit_in_a_share_fails_its_checksum(b, data):
+def test_any_flipped_bit_in_a_share_fails_its_check(b, data):
     pairs = encode(b)
     i = data.draw(st.integers(min_value=0, max_value=b["n"] - 1))
     cs, share = pairs[i]
@@ -144,18 +155,19 @@ def test_any_flipped_bit_in_a_share_fails_its_checksum(b, data):
     pos = data.draw(st.one_of(st.sampled_from([0, last]), st.integers(min_value=0, max_value=last)))
     bit = data.draw(st.integers(min_value=0, max_value=7))
     tampered = flip(share, pos, bit)
-    assert checksum(b, i, share) == cs
-    assert checksum(b, i, tampered) != cs
+    assert ok(b, i, cs, share)
+    assert not ok(b, i, cs, tampered)
 
 
+@pytest.mark.parametrize("cipher", CIPHERS, ids=lambda c: c.name)
 @pytest.mark.parametrize("k,n", KN)
-def test_every_byte_position_of_every_share_is_checksummed(k, n):
+def test_every_byte_position_of_every_share_is_checked(k, n, cipher):
     """Exhaustive over positions for one 512-byte block per shape (the random test samples)."""
-    b = {"keys": codec.Keys.derive(bytes(range(32))), "vid": b"v" * 16, "fid": 3, "blk": 5, "gen": 7,
-         "term": 9, "k": k, "n": n, "bs": 512, "pt": bytes(range(256)) * 2}
+    b = {"keys": codec.Keys.derive(bytes(range(32)), cipher), "vid": b"v" * 16, "fid": 3, "blk": 5,
+         "gen": 7, "term": 9, "k": k, "n": n, "bs": 512, "pt": bytes(range(256)) * 2}
     for i, (cs, share) in enumerate(encode(b)):
         for pos in range(len(share)):
-            assert checksum(b, i, flip(share, pos, pos % 8)) != cs, (i, pos)
+            assert not ok(b, i, cs, flip(share, pos, pos % 8)), (i, pos)
 
 
 @given(b=blocks(), data=st.data())
@@ -174,7 +186,7 @@ def test_flipped_data_byte_in_a_used_share_fails_aead(b, data):
     pairs = encode(b)
     used = data.draw(st.permutations(range(n)))[:k]
     victim = data.draw(st.sampled_from(used))
-    sealed_len = b["bs"] + codec.SEALED_OVERHEAD
+    sealed_len = b["bs"] + b["keys"].cipher.overhead
     size = codec.share_length(sealed_len, k)
     pad = size * k - sealed_len
     pos = data.draw(st.integers(min_value=0, max_value=size - pad - 1))
@@ -223,7 +235,7 @@ def test_moved_block_is_rejected(b, move, data):
 
     pairs = encode(b)
     for i, (cs, share) in enumerate(pairs):
-        assert checksum(b, i, share, **{move: new}) != cs
+        assert not ok(b, i, cs, share, **{move: new})
     with pytest.raises(codec.CodecError):
         decode({**b, move: new}, {i: pairs[i][1] for i in range(b["k"])})
 
@@ -231,20 +243,21 @@ def test_moved_block_is_rejected(b, move, data):
 @given(b=blocks(), other=masters)
 @fast(60)
 def test_block_under_another_key_is_rejected(b, other):
-    keys2 = codec.Keys.derive(other)
+    keys2 = codec.Keys.derive(other, b["keys"].cipher)
     if keys2 == b["keys"]:
         return
     pairs = encode(b)
     for i, (cs, share) in enumerate(pairs):
-        assert codec.share_checksum(keys2, b["vid"], b["fid"], b["blk"], b["gen"], b["term"], i,
-                                    share) != cs
+        assert not ok({**b, "keys": keys2}, i, cs, share)
     with pytest.raises(codec.CodecError):
         decode({**b, "keys": keys2}, {i: pairs[i][1] for i in range(b["k"])})
 
 
-@given(b=blocks(), data=st.data())
+@given(b=blocks().filter(lambda b: b["k"] > 1), data=st.data())
 @fast(100)
 def test_share_checksum_binds_share_index(b, data):
+    """With k > 1 shares differ, so a share in another replica's place must fail.  (With
+    k = 1 every share is the same sealed block: any replica's copy is as good.)"""
     n = b["n"]
     pairs = encode(b)
     i = data.draw(st.integers(min_value=0, max_value=n - 1))
@@ -252,21 +265,19 @@ def test_share_checksum_binds_share_index(b, data):
     for j in range(n):
         if j == i:
             continue
-        # Share i with its stored checksum, presented as share j, does not validate -- even for
-        # k=1 where every share holds the same bytes, so only the index tells them apart.
-        assert checksum(b, j, share_i) != cs_i
+        # Share i with its stored checksum, presented as share j, does not validate.
+        assert not ok(b, j, cs_i, share_i)
         assert pairs[j][0] != cs_i
-        if pairs[j][1] != share_i:
-            # Nor does share i's data pass share j's stored checksum (k > 1: shares differ).
-            assert checksum(b, j, share_i) != pairs[j][0]
+        # Nor does share i's data pass share j's stored checksum.
+        assert not ok(b, j, pairs[j][0], share_i)
     assert checksum(b, i, share_i) == cs_i
 
 
-@given(master=masters, vid=volume_ids, fid=u64, blk=u64, gen=u64,
-       sealed=st.binary(max_size=codec.SEALED_OVERHEAD - 1))
+@given(master=masters, vid=volume_ids, fid=u64, blk=u64, gen=u64, cipher=ciphers, data=st.data())
 @fast(50)
-def test_too_short_sealed_data_is_rejected(master, vid, fid, blk, gen, sealed):
-    keys = codec.Keys.derive(master)
+def test_too_short_sealed_data_is_rejected(master, vid, fid, blk, gen, cipher, data):
+    keys = codec.Keys.derive(master, cipher)
+    sealed = data.draw(st.binary(max_size=cipher.overhead - 1))
     with pytest.raises(codec.CodecError):
         codec.decrypt_block(keys, vid, fid, blk, gen, gen, sealed)
     with pytest.raises(codec.CodecError):
@@ -370,20 +381,23 @@ kinds = st.one_of(st.sampled_from([format.LOG_KIND, format.SNAPSHOT_KIND]),
                   st.binary(min_size=1, max_size=12))
 
 
-@given(master=masters, vid=volume_ids, kind=kinds, seq=u64, pt=st.binary(max_size=2000), data=st.data())
+@given(master=masters, vid=volume_ids, kind=kinds, seq=u64, pt=st.binary(max_size=2000),
+       cipher=ciphers, data=st.data())
 @fast(150)
-def test_record_bound_to_kind_seq_volume_and_key(master, vid, kind, seq, pt, data):
-    keys = codec.Keys.derive(master)
+def test_record_bound_to_kind_seq_volume_and_key(master, vid, kind, seq, pt, cipher, data):
+    keys = codec.Keys.derive(master, cipher)
     sealed = codec.seal_record(keys, vid, kind, ctx(seq), pt)
-    assert len(sealed) == len(pt) + codec.SEALED_OVERHEAD
+    assert len(sealed) == len(pt) + cipher.overhead
     assert codec.open_record(keys, vid, kind, ctx(seq), sealed) == pt
 
     other_kind = data.draw(kinds.filter(lambda x: x != kind), label="other kind")
     other_seq = data.draw(u64.filter(lambda x: x != seq), label="other seq")
     other_vid = data.draw(volume_ids.filter(lambda x: x != vid), label="other vid")
     other_master = data.draw(masters.filter(lambda x: x != master), label="other master")
+    other_cipher = next(c for c in CIPHERS if c != cipher)
     for args in [(keys, vid, other_kind, ctx(seq)), (keys, vid, kind, ctx(other_seq)),
-                 (keys, other_vid, kind, ctx(seq)), (codec.Keys.derive(other_master), vid, kind, ctx(seq))]:
+                 (keys, other_vid, kind, ctx(seq)), (keys.using(other_cipher), vid, kind, ctx(seq)),
+                 (codec.Keys.derive(other_master, cipher), vid, kind, ctx(seq))]:
         with pytest.raises(codec.CodecError):
             codec.open_record(*args, sealed)
 
@@ -464,3 +478,23 @@ def test_nonces_never_repeat_across_threads_or_a_fork():
     assert len(set(seen)) == len(seen) == 8000
     assert child not in seen and child != parent
     assert child[:16] != parent[:16]  # the child drew a prefix of its own
+
+
+# ---- ciphers ----
+
+def test_auto_picks_aegis_exactly_where_the_cpu_has_aes_instructions():
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    expected = codec.AEGIS256 if "aes" in flags else codec.XCHACHA20  # x86 "flags", ARM "Features"
+    assert codec.cipher_named("auto") == expected
+    assert codec.cipher_named("xchacha20poly1305") == codec.XCHACHA20
+    with pytest.raises(ValueError, match="unknown cipher"):
+        codec.cipher_named("rot13")
+
+
+@pytest.mark.parametrize("cipher", CIPHERS, ids=lambda c: c.name)
+def test_a_4k_block_leaves_a_page_aligned_body_with_either_cipher(cipher):
+    """The stored nonce is 24 bytes for both: the sealed overhead stays under 64 bytes, so
+    with k = 1 a 4 KiB block's body is exactly one page (stale bodies can be punched)."""
+    layout = format.SlotLayout.of(4096, 1, cipher.overhead)
+    assert layout.body_size == 4096 and layout.body_offset(0) % 4096 == 0

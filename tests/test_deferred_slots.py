@@ -94,7 +94,7 @@ async def test_deferred_slots_past_a_truncation_are_not_written(tmp_path):
     async with volume.lock:
         await volume.snapshot()
     volume.close()
-    layout = format.SlotLayout.of(bs, 1)
+    layout = volume.layout
     for r in v.replicas:
         assert data_file(r, node.ino).stat().st_size <= layout.file_length(2)
     assert await reopened_read(v, master, node.ino, 8 * bs) == b"t" * 2 * bs
@@ -205,7 +205,7 @@ async def test_a_scrub_with_unrepairable_blocks_keeps_a_lagging_replicas_log(tmp
     await volume.sync(f.ino)
     async with volume.lock:
         await volume.snapshot()
-    layout = format.SlotLayout.of(bs, 1)
+    layout = volume.layout
     for r in v.replicas:  # block 0 of f goes bad everywhere
         with open(data_file(r, f.ino), "r+b") as out:
             out.seek(layout.body_offset(0))

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import workload
-from conftest import REPO, lnmirror
+from conftest import REPO, lnmirror, replica_layout
 from lnmirrorfs import format
 
 
@@ -92,7 +92,7 @@ def test_more_than_n_minus_k_damaged_shares_is_unrepairable(make_vol):
     assert m.unmount() == 0
     for r in v.replicas[:2]:  # 2 of 3 shares of block 0 damaged, k=2: cannot decode
         data_file = next((r / "data").iterdir())
-        body = format.SlotLayout.of(4096, 2).body_offset(0)
+        body = replica_layout(r).body_offset(0)
         flip_bytes(data_file, 5, rng, lo=body, hi=body + 100)
     before = snapshot_replicas(v)
     proc = scrub(v)
@@ -114,7 +114,7 @@ def test_a_read_spread_over_the_replicas_falls_back_block_by_block(make_vol, tmp
     data = rng.randbytes(64 * 4096)
     (m.path / "big").write_bytes(data)
     assert m.unmount() == 0
-    layout = format.SlotLayout.of(4096, 1)
+    layout = replica_layout(v.replicas[0])
     for r, blocks in zip(v.replicas, [(5, 60), (6, 61)], strict=True):
         for data_file in (r / "data").iterdir():
             for block in blocks:

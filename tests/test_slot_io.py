@@ -12,7 +12,7 @@ import pytest
 from conftest import make_volume
 from lnmirrorfs import format
 from lnmirrorfs.cli.common import read_key_file
-from lnmirrorfs.codec import SEALED_OVERHEAD, share_length
+from lnmirrorfs.codec import share_length
 from lnmirrorfs.fileio import IOV_MAX, pwrite_all
 from lnmirrorfs.volume import Volume
 
@@ -23,7 +23,7 @@ def test_slots_written_in_runs_read_back_as_written(tmp_path, block_size, k):
     volume = Volume.open([str(r) for r in v.replicas], read_key_file(str(v.key)))
     replica = volume.replicas[0]
     layout = replica.layout
-    share = share_length(block_size + SEALED_OVERHEAD, k)
+    share = share_length(block_size + volume.keys.cipher.overhead, k)
     rng = random.Random(block_size * 10 + k)
     expected: dict[tuple[int, int, int], bytes] = {}
     try:

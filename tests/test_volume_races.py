@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from conftest import make_volume
-from lnmirrorfs import codec, format, heal, scrub
+from lnmirrorfs import format, heal, scrub
 from lnmirrorfs.cli.common import read_key_file
 from lnmirrorfs.namespace import Namespace
 from lnmirrorfs.replica import ONLINE, Replica
@@ -105,7 +105,7 @@ async def test_cancelled_commit_is_applied_and_its_number_never_reused(tmp_path)
     await volume.sync(node.ino)
     assert volume.tree.seq == seq + 1
     volume.close()
-    keys = codec.Keys.derive(master)
+    keys = volume.keys
     for path in replicas:  # every replica's log replays with no gap and no reused number
         loaded = Replica.open(str(path)).load(keys)
         assert loaded.tree.seq == seq + 1 and not loaded.damage
@@ -187,7 +187,7 @@ async def test_a_chunk_read_before_two_commits_is_never_healed_over_them(tmp_pat
     await volume.sync(node.ino)
     async with volume.lock:  # the deferred slots go to the data files
         await volume.snapshot()
-    layout = format.SlotLayout.of(bs, 1)
+    layout = volume.layout
     data_file = replicas[0] / "data" / format.data_name(node.ino, entry_slot(node.blocks[0]))
     with open(data_file, "r+b") as f:  # replica 0's share of block 0 goes bad
         f.seek(layout.body_offset(0))

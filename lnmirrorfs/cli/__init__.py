@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import codec
 from . import mount
 from .common import CliError, Parser, add_replica_args, apply_config, run, setup_logging
 from .init import DEFAULT_BLOCK_SIZE, cmd_init
@@ -49,6 +50,11 @@ def lnmirror_parser() -> argparse.ArgumentParser:
     init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="BYTES",
                       help=f"bytes per encrypted block, a power of two >= 512 "
                            f"(default {DEFAULT_BLOCK_SIZE}, SQLite's page size)")
+    init.add_argument("--cipher", default="auto",
+                      choices=["auto"] + [c.name for c in codec.CIPHERS.values()],
+                      help="the AEAD for every block and record (default auto: aegis256 where the "
+                           "CPU has AES instructions, else xchacha20poly1305, e.g. a Raspberry Pi 4; "
+                           "either can be read on any CPU)")
     init.add_argument("--force", action="store_true", help="allow a single replica")
     init.add_argument("--from", dest="source", metavar="LIGHTNING_DIR",
                       help="import a stopped node's directory into the new volume")

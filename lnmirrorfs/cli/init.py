@@ -46,7 +46,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     volume_id = os.urandom(16)
     master = codec.new_master_key()
-    keys = codec.Keys.derive(master)
+    keys = codec.Keys.derive(master, codec.cipher_named(args.cipher))
     key_path = args.key_file or default_key_path(volume_id)
     if os.path.exists(key_path):
         raise CliError(f"key file {key_path} already exists; refusing to overwrite a key")
@@ -55,12 +55,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     write_key_file(key_path, master)
     for index, path in enumerate(args.replica):
         header = format.Header(volume_id, k, n, index, args.block_size,
-                               codec.key_check(keys, volume_id))
+                               codec.key_check(keys, volume_id), keys.cipher.id)
         Replica.create(path, header, keys, tree).close()
     if args.source:
         _import_or_undo(args, master, key_path)
     print(f"created volume {volume_id.hex()}: k={k} n={n} write quorum "
-          f"{default_quorum(k, n)}, block size {args.block_size}")
+          f"{default_quorum(k, n)}, block size {args.block_size}, cipher {keys.cipher.name}")
     for index, path in enumerate(args.replica):
         print(f"  replica {index}: {path}")
     if n == 2 and k == 1:

@@ -213,7 +213,7 @@ def format_prometheus(s: dict) -> str:
 def format_status(s: dict) -> str:
     if "error" in s:
         return f"error: {s['error']}"
-    lines = [f"volume {s['volume']}  k={s['k']} n={s['n']} quorum={s['quorum']}",
+    lines = [f"volume {s['volume']}  k={s['k']} n={s['n']} quorum={s['quorum']} cipher={s['cipher']}",
              f"  state: {s['state']}" + (f" ({s['reason']})" if s["reason"] else ""),
              f"  record: {s['record']} written {format_when(s['written_ms'])}"
              f"   bad shares seen: {s['bad_shares']}",
