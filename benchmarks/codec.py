@@ -1,9 +1,10 @@
 """Codec throughput: encode_block and decode_block, measured on this machine, this run.
 
-For 4 KiB and 64 KiB blocks at k/n = 1/2, 2/3 and 3/5 it times
+For each cipher (XChaCha20-Poly1305, AEGIS-256), 4 KiB and 64 KiB blocks and k/n = 1/2, 2/3
+and 3/5 it times
 
-* encode: ``codec.encode_block`` -- XChaCha20-Poly1305 seal, zfec encode to n shares and
-  a keyed BLAKE2b checksum per share;
+* encode: ``codec.encode_block`` -- AEAD seal, zfec encode to n shares and a keyed BLAKE2b
+  checksum per share (none with k = 1: the AEAD tag checks the share);
 * decode: ``codec.decode_block`` -- zfec decode from k shares and AEAD open.  Two cases:
   ``decode (data)`` gets the k primary shares 0..k-1 (zfec only concatenates), and
   ``decode (parity)`` gets the last k shares n-k..n-1, so as many shares as possible are
@@ -76,7 +77,7 @@ def measure_cell(keys: codec.Keys, k: int, n: int, block_size: int, min_seconds:
             codec.decode_block(keys, VOLUME_ID, k, n, FILE_ID, BLOCK_INDEX, GEN, TERM, subset, block_size)
         return decode
 
-    cell = {"k": k, "n": n, "block_size": block_size,
+    cell = {"cipher": keys.cipher.name, "k": k, "n": n, "block_size": block_size,
             "share_size": len(shares[0]), "parity_shares_used": sum(1 for i in parity_shares if i >= k)}
     for name, fn in (("encode", encode), ("decode_data", decoder(data_shares)),
                      ("decode_parity", decoder(parity_shares))):
@@ -88,16 +89,18 @@ def measure_cell(keys: codec.Keys, k: int, n: int, block_size: int, min_seconds:
 
 
 def run(min_seconds: float) -> list[dict]:
-    keys = codec.Keys.derive(codec.new_master_key())
-    return [measure_cell(keys, k, n, bs, min_seconds) for bs in BLOCK_SIZES for k, n in SHAPES]
+    master = codec.new_master_key()
+    return [measure_cell(codec.Keys.derive(master, cipher), k, n, bs, min_seconds)
+            for cipher in codec.CIPHERS.values() for bs in BLOCK_SIZES for k, n in SHAPES]
 
 
 def format_table(cells: list[dict]) -> str:
-    head = (f"{'block':>7} {'k/n':>4} {'share':>6}  {'encode MB/s':>11}  "
+    head = (f"{'cipher':<18} {'block':>7} {'k/n':>4} {'share':>6}  {'encode MB/s':>11}  "
             f"{'decode (data) MB/s':>18}  {'decode (parity) MB/s':>20}")
     lines = [head, "-" * len(head)]
     for c in cells:
-        lines.append(f"{c['block_size'] // 1024:>5}Ki {c['k']}/{c['n']:<2} {c['share_size']:>6}  "
+        lines.append(f"{c['cipher']:<18} {c['block_size'] // 1024:>5}Ki {c['k']}/{c['n']:<2} "
+                     f"{c['share_size']:>6}  "
                      f"{c['encode']['mb_per_s']:>11.1f}  {c['decode_data']['mb_per_s']:>18.1f}  "
                      f"{c['decode_parity']['mb_per_s']:>20.1f}")
     return "\n".join(lines)

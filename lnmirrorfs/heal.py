@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from . import codec, format, statechoice
 from .blocks import Checked
-from .replica import FAULTED, ONLINE, Loaded, Replica, still_current
+from .replay import Loaded, still_current
+from .replica import FAULTED, ONLINE, Replica
 from .tree import HOLE, Tree, entry_gen, entry_slot
 
 if TYPE_CHECKING:

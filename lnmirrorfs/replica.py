@@ -15,7 +15,6 @@ Layout of a replica directory:
 
 from __future__ import annotations
 
-import collections
 import errno
 import fcntl
 import logging
@@ -26,28 +25,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from . import codec, format
+from . import codec, format, replay
 from .fileio import (
     close_all_quietly,
     close_quietly,
     fsync_dir,
-    punch_hole,
     pwrite_all,
     unlink_quietly,
     write_file_durably,
     write_zeros,
 )
-from .tree import Tree, TreeError, block_entry, decode_ops
+from .replay import Loaded
+from .slotfiles import SlotFiles, SlotKey
+from .tree import Tree
 from .worker import Once, Worker
 
 log = logging.getLogger("lnmirrorfs.replica")
 ONLINE, STALE, FAULTED, MISSING, OFFLINE = "ONLINE", "STALE", "FAULTED", "MISSING", "OFFLINE"
-_MAX_OPEN_DATA_FILES = 256
 # The log grows by zero-filled chunks: appending inside already-written space changes no
 # file size, so the per-commit fdatasync has no metadata to journal.
 LOG_CHUNK = 4 << 20
 PUNCH_SLICE_SECONDS = 0.002  # the longest a worker frees stale slots before commits go again
-DELETED_SUFFIX = ".deleted"  # a freed data file waiting for its unlink (scrub removes leftovers)
 # Inline records' slots wait in memory (the log holds them durably) up to this many bytes
 # per replica before a queued job writes them to the data files, a slice at a time.
 DEFERRED_FLUSH_BYTES = 1 << 20
@@ -73,28 +71,6 @@ class Counters:
 
 
 @dataclass
-class Loaded:
-    """What a replica's metadata says, for the state choice and for opening it.
-
-    `tree` is the state at the end of the valid log; `redo` the slots its log carries that
-    the tree still points at.  `commit` is the highest commit point in any authenticated
-    record or snapshot of the replica, `max_term` the highest term, both including records
-    behind damage; `damage` says why the log is damaged (a bad record with valid ones
-    after it), "" if it is whole.  `touched` lists, per record after the snapshot, the
-    blocks its writes went to (a replica that diverged needs exactly those rewritten)."""
-
-    tree: Tree
-    log_end: int
-    log_records: int
-    redo: dict[tuple[int, int, int], bytes]
-    snapshot_seq: int = 0
-    commit: int = 0
-    max_term: int = 0
-    damage: str = ""
-    touched: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
-
-
-@dataclass
 class SnapshotCut:
     """Where a background snapshot cuts a replica's log: right after record `seq`, which
     ended at `log_end` of the log file the replica had in `log_epoch`."""
@@ -112,16 +88,15 @@ class Replica:
     counters: Counters = field(default_factory=Counters)
     worker: Worker | None = None
     housekeeper: Worker | None = None
-    _data_fds: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    _files: SlotFiles | None = None  # see `files`
     # A read-only open: the slots that only its log holds.
-    overlay: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
-    deferred: dict[tuple[int, int, int], bytes] = field(default_factory=dict)  # see _defer
+    overlay: dict[SlotKey, bytes] = field(default_factory=dict)
+    deferred: dict[SlotKey, bytes] = field(default_factory=dict)  # see _defer
     _flush_queued: bool = False  # a _flush_slice job is in the worker's queue
     _replaced_threads: set[threading.Thread] = field(default_factory=set)  # see _left_behind
     _log_fd: int | None = None
     _log_end: int = 0
     _log_allocated: int = 0
-    _unsynced_files: set[format.DataFile] = field(default_factory=set)
     _cut_files: set[format.DataFile] = field(default_factory=set)  # unsynced, for a background snapshot
     _log_epoch: int = 0       # bumped whenever the log file is reset or replaced
     _snapshot_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -216,8 +191,7 @@ class Replica:
         """Drop every open file and take the lock again, then check it is still the same
         replica: after a fault its files may belong to a mount that went away (a NAS or
         sshfs mounted anew), and a heal must write to what is there now."""
-        fds = list(self._data_fds.values()) + [self._log_fd, self._lock_fd]
-        self._data_fds.clear()
+        fds = self.files.detach() + [self._log_fd, self._lock_fd]
         self._log_fd = self._lock_fd = None
         self._log_epoch += 1
         # The old descriptors may belong to a mount that hangs (an sshfs whose connection
@@ -252,9 +226,8 @@ class Replica:
                 timeout = 0  # its job hung long ago: do not wait for it again
             hung = not (self.worker.stop(timeout) & self.housekeeper.stop(timeout))
             self.worker = self.housekeeper = None
-        fds = [fd for fd in [*self._data_fds.values(), self._log_fd, self._lock_fd]
-               if fd is not None]
-        self._data_fds.clear()
+        fds = [fd for fd in [*(self._files.detach() if self._files else []), self._log_fd,
+                             self._lock_fd] if fd is not None]
         self._log_fd = self._lock_fd = None
         if not hung:
             for fd in fds:
@@ -274,107 +247,13 @@ class Replica:
     # ---- metadata ----
 
     def load(self, keys: codec.Keys, upto: int | None = None) -> Loaded:
-        """Rebuild this replica's tree from its snapshot and log (up to record `upto`).  The
-        log ends at the first record that is torn, forged or impossible; valid records after
-        it mean damage."""
-        vol = self.header.volume_id
+        """Rebuild this replica's tree from its snapshot and log (replay.load)."""
         try:
-            with open(os.path.join(self.meta_path, format.SNAPSHOT_NAME), "rb") as f:
-                snap_seq, snap_term, sealed = format.unpack_snapshot(f.read())
-            tree = Tree.load(codec.open_record(keys, vol, format.SNAPSHOT_KIND,
-                                               format.snapshot_context(snap_seq, snap_term), sealed))
-            if (tree.seq, tree.term) != (snap_seq, snap_term):
-                raise TreeError("snapshot head does not match its contents")
-            with open(self.log_path, "rb") as f:
-                raw = f.read()
-        except (OSError, format.FormatError, codec.CodecError, TreeError) as exc:
+            loaded = replay.load(self.meta_path, self.header, keys, upto)
+        except replay.ReplayError as exc:
             raise ReplicaError(f"{self.path}: metadata unreadable: {exc}") from None
-        self.snapshot_seq = tree.seq
-        loaded = Loaded(tree, 0, 0, {}, snapshot_seq=tree.seq, commit=tree.commit,
-                        max_term=tree.term)
-        pos = 0
-        while (frame := format.frame_at(raw, pos)) is not None:
-            head = frame.head
-            if upto is not None and head.seq > upto:
-                break
-            if head.seq <= tree.seq and self._authentic(keys, frame):
-                pos = loaded.log_end = frame.end  # already in the snapshot (crash before log reset)
-                continue
-            try:
-                ops = decode_ops(codec.open_record(keys, vol, format.LOG_KIND, head.context(),
-                                                   frame.sealed))
-                slots = self._inline_slots(keys, head, ops, frame.inline)
-                tree.apply(head.seq, head.term, head.time_ms, ops, head.commit)
-            except (codec.CodecError, TreeError, ValueError, KeyError, TypeError):
-                break
-            loaded.redo.update(slots)
-            loaded.touched.append((head.seq, [(op["ino"], packed >> 1) for op in ops
-                                              if op["op"] == "write" for packed in op["blocks"]]))
-            self._note(loaded, head)
-            pos = loaded.log_end = frame.end
-            loaded.log_records += 1
-        if upto is None:
-            self._look_behind(keys, raw, pos, loaded)
-        loaded.redo = {key: raw for key, raw in loaded.redo.items() if still_current(tree, key, raw)}
+        self.snapshot_seq = loaded.snapshot_seq
         return loaded
-
-    def _authentic(self, keys: codec.Keys, frame: format.Frame) -> bool:
-        try:
-            codec.open_record(keys, self.header.volume_id, format.LOG_KIND, frame.head.context(),
-                              frame.sealed)
-            return True
-        except codec.CodecError:
-            return False
-
-    @staticmethod
-    def _note(loaded: Loaded, head: format.RecordHead) -> None:
-        loaded.commit = max(loaded.commit, head.commit)
-        loaded.max_term = max(loaded.max_term, head.term)
-
-    def _look_behind(self, keys: codec.Keys, raw: bytes, pos: int, loaded: Loaded) -> None:
-        """Where the valid log ends, a torn tail leaves nothing but zeros after it; records
-        that authenticate further on mean the log was damaged in the middle."""
-        if raw.count(b"\0", pos) == len(raw) - pos:
-            return
-        end_seq = loaded.tree.seq
-        last = format.frame_at(raw, pos)
-        if last is not None and raw[last.end - 1] != 0:
-            # A torn append leaves the end of the frame unwritten (the log is zero-filled
-            # ahead); a frame written to its last byte that does not check out was damaged
-            # later.  (A whole record whose last byte is zero, 1 in 256, still looks torn.)
-            loaded.damage = f"log damaged after record {end_seq} (the next record is whole but corrupt)"
-        for frame in format.frames_after(raw, pos):
-            if frame.head.seq <= end_seq:
-                continue
-            if self._authentic(keys, frame):
-                self._note(loaded, frame.head)
-                if not loaded.damage:
-                    loaded.damage = (f"log damaged after record {end_seq} (record "
-                                     f"{frame.head.seq} further on is intact)")
-
-    def _inline_slots(self, keys: codec.Keys, head: format.RecordHead, ops: list[dict],
-                      inline: bytes) -> dict[tuple[int, int, int], bytes]:
-        """The slots a record carries, each checked: a torn record fails here as a whole."""
-        if not inline:
-            return {}
-        h = self.header
-        size = self.layout.size
-        out, pos = {}, 0
-        for op in ops:
-            if op["op"] != "write":
-                continue
-            for packed in op["blocks"]:
-                raw = inline[pos:pos + size]
-                pos += size
-                gen, checksum, share = format.unpack_slot(raw)
-                if gen != head.seq or not codec.share_ok(
-                        keys, h.volume_id, h.k, op["ino"], packed >> 1, head.seq, head.term,
-                        h.share_index, checksum, share):
-                    raise codec.CodecError(f"record {head.seq}: torn or damaged inline slot")
-                out[(op["ino"], packed >> 1, packed & 1)] = raw
-        if pos != len(inline):
-            raise codec.CodecError(f"record {head.seq}: inline slots do not match its ops")
-        return out
 
     def apply_redo(self, redo: dict[tuple[int, int, int], bytes]) -> None:
         """Copy slots that only the log holds durably into the data files, and sync them."""
@@ -413,9 +292,9 @@ class Replica:
             sealed = seal_snapshot(keys, self.header.volume_id, tree)
         self.flush_deferred()
         with self._snapshot_lock:  # after a background snapshot's part, never between
-            self._unsynced_files |= self._cut_files
+            self.files.unsynced |= self._cut_files
             self._cut_files = set()
-            self._sync_data_files()
+            self.files.sync_unsynced()
             write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
                                format.pack_snapshot(tree.seq, tree.term, sealed))
             self.snapshot_seq = tree.seq
@@ -431,15 +310,6 @@ class Replica:
                 fsync_dir(self.meta_path)
         if stale is not None:
             self.free_stale(tree.seq, stale)
-
-    def _sync_data_files(self) -> None:
-        for data_file in sorted(self._unsynced_files):
-            fd, _ = self._data_fd(data_file, create=False)
-            if fd is not None:
-                os.fdatasync(fd)
-        if self._unsynced_files:
-            fsync_dir(self.data_path)
-        self._unsynced_files.clear()
 
     # ---- snapshots in the background ----
 
@@ -475,8 +345,8 @@ class Replica:
             return None  # it missed the record or faulted: a catch-up snapshots it instead
         self.flush_deferred()
         with self._snapshot_lock:
-            self._cut_files |= self._unsynced_files
-            self._unsynced_files = set()
+            self._cut_files |= self.files.unsynced
+            self.files.unsynced = set()
             return SnapshotCut(seq, self._log_end, self._log_epoch)
 
     def _write_cut_snapshot(self, cut: SnapshotCut, term: int, sealed: Once[bytes]) -> bool:
@@ -484,18 +354,7 @@ class Replica:
         with self._snapshot_lock:
             if self.snapshot_seq >= cut.seq or self.state != ONLINE:
                 return False  # a newer snapshot was written meanwhile, or it faulted
-            for file_id, slot in sorted(self._cut_files):
-                try:
-                    fd = os.open(os.path.join(self.data_path, format.data_name(file_id, slot)),
-                                 os.O_RDONLY)
-                except FileNotFoundError:
-                    continue  # freed since: no record the snapshot keeps points into it
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-            if self._cut_files:
-                fsync_dir(self.data_path)
+            self.files.sync_files(self._cut_files)
             self._cut_files = set()
             write_file_durably(os.path.join(self.meta_path, format.SNAPSHOT_NAME),
                                format.pack_snapshot(cut.seq, term, sealed()))
@@ -552,31 +411,12 @@ class Replica:
                                    lambda result, error: None)
                 return
             try:
-                if not self._punch_run(seq, runs[at]):
+                if not self.files.punch_run(seq, runs[at]):
                     self.can_punch = False  # FAT, exFAT, sshfs: the space stays in use
                     return
             except OSError as exc:  # a full copy-on-write filesystem: the space stays, for now
                 log.warning("replica %s: stale slots not freed: %s", self.path, exc)
                 return
-
-    def _punch_run(self, seq: int, run: format.StalePages) -> bool:
-        """Punch a run of pages, but not those a block written after `seq` has a body on."""
-        file_id, slot, offset, length, blocks = run
-        fd, _ = self._data_fd((file_id, slot), create=False)
-        if fd is None:
-            return True  # freed since
-        layout = self.layout
-        first = layout.head_offset(blocks[0])  # a run lies in one group: its heads are in a row
-        heads = os.pread(fd, layout.head_offset(blocks[-1]) + format.SLOT_HEAD_SIZE - first, first)
-        live = {b for b in blocks
-                if format.unpack_slot(heads[layout.head_offset(b) - first:])[0] > seq}
-        keep = [page for page in range(offset, offset + length, format.PAGE)
-                if live.intersection(layout.bodies_on(page, format.PAGE))]
-        for start, end in zip([offset] + [p + format.PAGE for p in keep],
-                              keep + [offset + length], strict=True):
-            if start < end and not punch_hole(fd, start, end - start):
-                return False
-        return True
 
     @property
     def _spare_log_path(self) -> str:
@@ -588,62 +428,19 @@ class Replica:
     def layout(self) -> format.SlotLayout:
         return self.header.layout
 
-    def _data_fd(self, data_file: format.DataFile, create: bool) -> tuple[int | None, bool]:
-        """An open fd for a slot file (cached); returns (fd, created)."""
-        fd = self._data_fds.get(data_file)
-        if fd is not None:
-            self._data_fds.move_to_end(data_file)
-            return fd, False
-        path = os.path.join(self.data_path, format.data_name(*data_file))
-        created = False
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            if not create:
-                return None, False
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            created = True
-        self._data_fds[data_file] = fd
-        if len(self._data_fds) > _MAX_OPEN_DATA_FILES:
-            os.close(self._data_fds.popitem(last=False)[1])
-        return fd, created
+    @property
+    def files(self) -> SlotFiles:
+        """Its slot files (made once the header, hence the layout, is known)."""
+        if self._files is None:
+            self._files = SlotFiles(self.data_path, self.layout)
+        return self._files
 
     def write_slots(self, slots: list[format.SlotWrite]) -> None:
         """Write slots (file id, block, slot, buffers) and make them and new names durable
         (a heal, a redo, a commit too big for the log): newer than what is deferred."""
         for file_id, block, slot, _ in slots:
             self.deferred.pop((file_id, block, slot), None)
-        self._write_slot_files(slots, sync=True)
-
-    def _write_slot_files(self, slots: list[format.SlotWrite], sync: bool) -> None:
-        """Without sync the caller has the same bytes durable in the log, and the next
-        snapshot syncs these files before it drops that log."""
-        if not os.path.isdir(self.data_path):
-            raise OSError(errno.ENOENT, "replica directory vanished")
-        touched: dict[format.DataFile, int] = {}
-        created = False
-        layout = self.layout
-        for file_id, slot, first, run in _write_runs(slots, layout.group):
-            if self._left_behind():  # what it was writing is owned by the new threads now
-                raise OSError(errno.EIO, "a call that hung came back after its replica was reopened")
-            fd, new = self._data_fd((file_id, slot), create=True)
-            created |= new
-            heads: list[memoryview] = []
-            bodies: list[memoryview] = []
-            for data in run:
-                head, body = format.split_slot(data, layout.head_size)
-                heads += head
-                bodies += body
-            pwrite_all(fd, heads, layout.head_offset(first))
-            pwrite_all(fd, bodies, layout.body_offset(first))
-            touched[file_id, slot] = fd
-        if not sync:
-            self._unsynced_files.update(touched)
-            return
-        for fd in touched.values():
-            os.fdatasync(fd)
-        if created:
-            fsync_dir(self.data_path)
+        self.files.write(slots, sync=True, abandoned=self._left_behind)
 
     def commit(self, slots: list[format.SlotWrite], record: bytes, inline: bool,
                seq: int) -> None:
@@ -709,8 +506,9 @@ class Replica:
             return
         written = sorted(self.deferred.items())[:most]
         try:
-            self._write_slot_files([(file_id, block, slot, (raw,))
-                                    for (file_id, block, slot), raw in written], sync=False)
+            self.files.write([(file_id, block, slot, (raw,))
+                              for (file_id, block, slot), raw in written], sync=False,
+                             abandoned=self._left_behind)
         except OSError as exc:
             if not self._left_behind():
                 self._write_failed(exc)
@@ -743,40 +541,10 @@ class Replica:
             self.counters.read += 1
             raise
 
-    def read_slots(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
-        """Raw slots (file id, block, slot); a missing file or slot reads as b''.  Slots of
-        consecutive blocks in one group are read with one pread for their heads and one for
-        their bodies (a 1 MiB read: 8 preads, not 512)."""
-        out: list[bytes] = []
-        layout = self.layout
-        pos = 0
-        while pos < len(wanted):
-            file_id, block, slot = wanted[pos]
-            raw = self.deferred.get(wanted[pos]) or self.overlay.get(wanted[pos])
-            if raw is not None:  # not in the data files yet, or (read-only) only in the log
-                out.append(raw)
-                pos += 1
-                continue
-            count = self._run_length(wanted, pos, layout.group)
-            fd, _ = self._data_fd((file_id, slot), create=False)
-            if fd is None:
-                out.extend([b""] * count)
-            else:
-                out.extend(_read_run(fd, layout, block, count))
-            pos += count
-        return out
-
-    def _run_length(self, wanted: list[tuple[int, int, int]], pos: int, group: int) -> int:
-        """How many of wanted[pos:] are consecutive blocks of one slot file and group,
-        none of them in memory (deferred or overlay)."""
-        file_id, first, slot = wanted[pos]
-        count = 1
-        while (pos + count < len(wanted) and wanted[pos + count] == (file_id, first + count, slot)
-               and (first + count) // group == first // group
-               and wanted[pos + count] not in self.deferred
-               and wanted[pos + count] not in self.overlay):
-            count += 1
-        return count
+    def read_slots(self, wanted: list[SlotKey]) -> list[bytes]:
+        """Raw slots (file id, block, slot), from memory where they are not in the data
+        files yet (deferred) or, on a read-only open, only in the log (overlay)."""
+        return self.files.read(wanted, lambda key: self.deferred.get(key) or self.overlay.get(key))
 
     def rejoin(self, seq: int) -> None:
         """Back in service after a heal gave it the current snapshot and an empty log."""
@@ -792,38 +560,15 @@ class Replica:
 
     def truncate_data(self, file_id: int, blocks: int) -> None:
         self._drop_deferred(lambda key: key[0] == file_id and key[1] >= blocks)
-        for slot in range(format.SLOTS):
-            fd, _ = self._data_fd((file_id, slot), create=False)
-            if fd is not None:
-                os.ftruncate(fd, self.layout.file_length(blocks))
+        self.files.truncate(file_id, blocks)
 
     def remove_data(self, file_id: int) -> None:
-        """Delete a freed inode's slot files.  Freeing the extents of a big file can take
-        seconds (longer than the deadline on a slow disk), so this job only closes and
-        renames them; the unlinks run on the replica's housekeeping thread, off the queue
-        that commits wait in."""
+        """Delete a freed inode's slot files: this job only closes and renames them; the
+        unlinks run on the replica's housekeeping thread, off the queue that commits wait
+        in (freeing a big file's extents can take longer than the deadline)."""
         self._drop_deferred(lambda key: key[0] == file_id)
-        for slot in range(format.SLOTS):
-            fd = self._data_fds.pop((file_id, slot), None)
-            if fd is not None:
-                os.close(fd)
-            path = os.path.join(self.data_path, format.data_name(file_id, slot))
-            try:
-                os.rename(path, path + DELETED_SUFFIX)
-            except FileNotFoundError:
-                continue
-            self.housekeeper.submit(partial(unlink_quietly, path + DELETED_SUFFIX),
-                                    lambda result, error: None)
-
-    def deleted_leftovers(self) -> list[str]:
-        """Data files renamed for deletion whose unlink a crash cut short."""
-        return [os.path.join(self.data_path, name) for name in os.listdir(self.data_path)
-                if name.endswith(DELETED_SUFFIX)]
-
-    def data_files(self) -> set[int]:
-        """The file ids that have a slot file here."""
-        return {parsed[0] for parsed in map(format.parse_data_name, os.listdir(self.data_path))
-                if parsed is not None}
+        for path in self.files.rename_deleted(file_id):
+            self.housekeeper.submit(partial(unlink_quietly, path), lambda result, error: None)
 
     def probe(self) -> tuple[int, int]:
         """(total, free) bytes of the replica's filesystem, if its directory is there."""
@@ -844,46 +589,6 @@ class Replica:
                 "header_damage": self.header_damage,
                 "errors": self.counters.as_dict(),
                 "queue": self.worker.pending if self.worker else 0}
-
-
-def _write_runs(slots: list[format.SlotWrite], group: int
-                ) -> list[tuple[int, int, int, list[tuple[bytes, ...]]]]:
-    """Slots as (file id, slot, first block, buffers of each block) runs of consecutive
-    blocks of one slot file and group: their heads lie in a row, and so do their bodies,
-    so each run is two pwritevs (a 1 MiB write: 8 per replica, not 512).  A slot given
-    twice is written in the order given (the later one lands last)."""
-    runs: list[tuple[int, int, int, list[tuple[bytes, ...]]]] = []
-    last: tuple[int, int, int] | None = None
-    for file_id, block, slot, data in sorted(slots, key=lambda s: (s[0], s[2], s[1])):
-        if last == (file_id, slot, block - 1) and block % group:
-            runs[-1][3].append(data)
-        else:
-            runs.append((file_id, slot, block, [data]))
-        last = (file_id, slot, block)
-    return runs
-
-
-def _read_run(fd: int, layout: format.SlotLayout, first: int, count: int) -> list[bytes]:
-    """The raw slots of blocks first .. first + count - 1, all in one group: a slot whose
-    head is cut short by the end of the file is returned as far as it goes."""
-    heads = os.pread(fd, count * layout.head_size, layout.head_offset(first))
-    bodies = os.pread(fd, count * layout.body_size, layout.body_offset(first)) if len(heads) else b""
-    out = []
-    for i in range(count):
-        head = heads[i * layout.head_size:(i + 1) * layout.head_size]
-        if len(head) == layout.head_size:
-            head += bodies[i * layout.body_size:(i + 1) * layout.body_size]
-        out.append(head)
-    return out
-
-
-def still_current(tree: Tree, key: tuple[int, int, int], raw: bytes) -> bool:
-    """Does the tree still point at this slot with this generation?"""
-    ino, block, slot = key
-    node = tree.inodes.get(ino)
-    gen = format.unpack_slot(raw)[0]
-    return (node is not None and block < len(node.blocks)
-            and node.blocks[block] == block_entry(gen, slot))
 
 
 def seal_snapshot(keys: codec.Keys, volume_id: bytes, tree: Tree) -> bytes:

@@ -15,7 +15,8 @@ import trio
 
 from . import codec
 from .opening import open_returned
-from .replica import FAULTED, ONLINE, Loaded, Replica, ReplicaError
+from .replay import Loaded
+from .replica import FAULTED, ONLINE, Replica, ReplicaError
 
 log = logging.getLogger("lnmirrorfs.replicaset")
 Event = Callable[[str, str, str], None]

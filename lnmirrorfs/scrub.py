@@ -230,7 +230,7 @@ async def _remove_extra_files(volume: Volume, listed: ExtraFiles) -> None:
 
 
 def _extra_files_of(r: Replica, live: set[int]) -> tuple[list[int], list[str]]:
-    return sorted(r.data_files() - live), r.deleted_leftovers()
+    return sorted(r.files.file_ids() - live), r.files.deleted_leftovers()
 
 
 def _remove_all(r: Replica, file_ids: list[int], leftovers: list[str]) -> None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .replica import FAULTED, MISSING, ONLINE, STALE, Loaded
+from .replay import Loaded
+from .replica import FAULTED, MISSING, ONLINE, STALE
 from .tree import Tree
 
 TERM_NONCE_BITS = 32

@@ -39,7 +39,8 @@ import trio
 from lnmirrorfs import codec, format, scrub
 from lnmirrorfs.membership import default_quorum
 from lnmirrorfs.namespace import Namespace
-from lnmirrorfs.replica import DELETED_SUFFIX, ONLINE, Replica, ReplicaError
+from lnmirrorfs.replica import ONLINE, Replica, ReplicaError
+from lnmirrorfs.slotfiles import DELETED_SUFFIX
 from lnmirrorfs.tree import HOLE, Tree, entry_gen, entry_slot
 from lnmirrorfs.volume import Options, Volume, VolumeError
 

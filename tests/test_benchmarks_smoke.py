@@ -20,15 +20,16 @@ def test_codec_benchmark_smoke(tmp_path):
 
     rows = set()
     for line in proc.stdout.splitlines():
-        m = re.match(r"\s*(\d+)Ki\s+(\d)/(\d)\s+\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", line)
+        m = re.match(r"(\w+)\s+(\d+)Ki\s+(\d)/(\d)\s+\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", line)
         if m:
-            assert all(float(x) > 0 for x in m.groups()[3:]), line
-            rows.add((int(m[1]) * 1024, int(m[2]), int(m[3])))
-    expected = {(bs, k, n) for bs in (4096, 65536) for k, n in ((1, 2), (2, 3), (3, 5))}
+            assert all(float(x) > 0 for x in m.groups()[4:]), line
+            rows.add((m[1], int(m[2]) * 1024, int(m[3]), int(m[4])))
+    expected = {(cipher, bs, k, n) for cipher in ("xchacha20poly1305", "aegis256")
+                for bs in (4096, 65536) for k, n in ((1, 2), (2, 3), (3, 5))}
     assert rows == expected, proc.stdout
 
     cells = json.loads(out.read_text())["cells"]
-    assert {(c["block_size"], c["k"], c["n"]) for c in cells} == expected
+    assert {(c["cipher"], c["block_size"], c["k"], c["n"]) for c in cells} == expected
     assert all(c["encode"]["mb_per_s"] > 0 and c["decode_parity"]["seconds"] >= 0.02 for c in cells)
 
 

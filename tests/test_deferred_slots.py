@@ -133,19 +133,19 @@ async def test_a_flush_that_hung_and_comes_back_late_changes_nothing(tmp_path):
     late = volume.replicas[1]
     old_thread = late.worker._thread
     hold, entered, returned = threading.Event(), threading.Event(), threading.Event()
-    write_slot_files = late._write_slot_files
+    write_slot_files = late.files.write
 
-    def hangs_once(slots, sync):
+    def hangs_once(slots, sync, abandoned):
         if threading.current_thread() is old_thread and not sync and not entered.is_set():
             entered.set()
             hold.wait()
             try:
-                return write_slot_files(slots, sync)
+                return write_slot_files(slots, sync, abandoned)
             finally:
                 returned.set()
-        return write_slot_files(slots, sync)
+        return write_slot_files(slots, sync, abandoned)
 
-    late._write_slot_files = hangs_once
+    late.files.write = hangs_once
     for chunk in range(5):  # past DEFERRED_FLUSH_BYTES: a flush is queued
         await volume.write(f.ino, chunk * INLINE_BLOCKS * bs, bytes([65 + chunk]) * INLINE_BLOCKS * bs)
         await volume.sync(f.ino)
