@@ -117,7 +117,9 @@ async def _main(volume: Volume, control_path: str, mountpoint: str) -> None:
         nursery.start_soon(_writeback, volume)
         nursery.start_soon(_bring_back, volume)
         nursery.start_soon(_on_signals)
+        volume.background = nursery
         await pyfuse3.main()
+        volume.background = None
         nursery.cancel_scope.cancel()
     if volume.suspended:
         log.error("unmounted %s with the write quorum lost (%s): changes not acknowledged "

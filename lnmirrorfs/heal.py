@@ -81,8 +81,7 @@ async def read_chunk(volume: Volume, ino: int, wanted: list[tuple[int, int]],
     where = [(ino, b, slot) for b, _, slot, _ in slots]
     raws = await volume.replica_set.run_jobs(
         [(r, partial(r.read_slots, where)) for r in targets], len(targets))
-    reads = {r: volume.reader.check_slots(r, ino, slots, raw) for r, raw in raws.items()}
-    return ChunkRead(ino, wanted, reads)
+    return ChunkRead(ino, wanted, volume.reader.check_copies(ino, slots, raws))
 
 
 async def check_blocks(volume: Volume, ino: int, wanted: list[tuple[int, int]],

@@ -114,6 +114,10 @@ class Volume:
         self.committed = tree.seq                # highest record known acknowledged
         self.heal_progress: dict | None = None   # a live scrub's {"done", "total"} bytes
         self.lock = trio.Lock()                  # serializes check + commit + apply
+        # Where a bulk write's commits run while its writes go on (the daemon's nursery;
+        # None offline: a write past the bound commits itself, as it does past dirty_bytes).
+        self.background: trio.Nursery | None = None
+        self._flushing = False                   # a background commit is started or waiting
         # Buffered blocks: whole ones as written (bytes), partly written ones as bytearray.
         self.dirty: dict[int, dict[int, bytes | bytearray]] = {}
         self.inflight: dict[int, dict[int, bytes]] = {}
@@ -592,7 +596,29 @@ class Volume:
         held = sum(map(len, self.dirty.values())) + sum(map(len, self.inflight.values()))
         if held * bs > self.options.dirty_bytes:
             await self.sync(ino)
+        elif len(self.dirty.get(ino, ())) * bs >= self.options.dirty_bytes // 2:
+            self._flush_in_background(ino)
         return len(data)
+
+    def _flush_in_background(self, ino: int) -> None:
+        """Half the bound is buffered for one inode: commit it in a task of its own, so the
+        writes that follow are buffered while its blocks are encoded, written and synced,
+        and the next commit starts right after (a bulk write was serial: the writes waited
+        for every commit).  The bound itself is unchanged: past dirty_bytes, buffered and
+        in flight together, a write still waits for a commit.  A failure is logged; the
+        data stays buffered, or its record pending, for the next fsync to report."""
+        if self.background is None or self._flushing:
+            return
+        self._flushing = True
+
+        async def flush() -> None:
+            try:
+                await self.sync(ino)
+            except OSError as exc:
+                log.warning("background commit of a bulk write failed: %s", exc)
+            finally:
+                self._flushing = False
+        self.background.start_soon(flush)
 
     async def sync(self, ino: int | None = None) -> None:
         """Commit buffered writes of one inode (fsync) or of all (periodic flush, unmount)."""

@@ -205,3 +205,47 @@ async def test_a_chunk_read_before_two_commits_is_never_healed_over_them(tmp_pat
     after = await scrub.scrub(volume)
     assert after.bad_shares == 0 and after.result == "clean", after
     volume.close()
+
+
+async def test_a_bulk_write_goes_on_while_its_commit_is_in_flight(tmp_path):
+    """Half of dirty_bytes buffered for one file starts its commit in the background; the
+    writes after it are buffered meanwhile (they do not wait for that commit), up to the
+    bound; past the bound a write waits.  Everything reads back once durable."""
+    volume, replicas, master = open_volume(tmp_path)
+    bound = volume.options.dirty_bytes
+    node = await Namespace(volume).mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
+    chunk = 128 * 1024  # what the kernel sends in one WRITE
+    data = bytes(range(256)) * (2 * bound // 256)
+    hold = threading.Event()  # the replicas' disks stall: the background commit cannot end
+    for r in volume.online:
+        r.worker.submit(hold.wait, lambda result, error: None)
+    async with trio.open_nursery() as nursery:
+        volume.background = nursery
+        offset = 0
+        with trio.fail_after(5):  # the first half, then as much again while it is in flight
+            while offset < bound - chunk:
+                await volume.write(node.ino, offset, data[offset:offset + chunk])
+                await trio.sleep(0)  # each WRITE is a request task of its own
+                offset += chunk
+        assert volume.inflight.get(node.ino), "no commit was started in the background"
+        assert volume.tree.seq == volume.committed and not hold.is_set()
+        blocked = trio.Event()
+
+        async def past_the_bound() -> None:
+            for at in range(offset, len(data), chunk):
+                await volume.write(node.ino, at, data[at:at + chunk])
+            blocked.set()
+        nursery.start_soon(past_the_bound)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not blocked.is_set(), "a write past dirty_bytes did not wait for the commit"
+        hold.set()
+        with trio.fail_after(30):
+            await blocked.wait()
+        volume.background = None
+    await volume.sync(node.ino)
+    volume.close()
+    again = Volume.open([str(r) for r in replicas], master, writable=False)
+    try:
+        assert await again.read(node.ino, 0, len(data)) == data
+    finally:
+        again.close()
