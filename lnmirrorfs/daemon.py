@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -25,25 +26,29 @@ RECONNECT_SECONDS = 2.0
 LIVE_CHUNK_BLOCKS = 32
 
 
-async def _writeback(volume: Volume) -> None:
-    """Like the kernel's dirty writeback: buffered data reaches the replicas within seconds."""
+async def _periodically(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    """Run `job` every `seconds`.  An error is logged and the next round goes on: a bug in
+    housekeeping must not take the mount down (cancellation still ends it)."""
     while True:
-        await trio.sleep(WRITEBACK_SECONDS)
+        await trio.sleep(seconds)
+        try:
+            await job()
+        except OSError as exc:
+            log.error("%s failed: %s", job.__name__, exc)
+        except Exception:
+            log.exception("%s failed", job.__name__)
+
+
+def _writeback(volume: Volume) -> Callable[[], Awaitable[None]]:
+    async def writeback() -> None:
+        """Like the kernel's dirty writeback: buffered data reaches the replicas within seconds."""
         await volume.replica_set.probe()  # faults a vanished or hung replica while idle
-        if (volume.buffered() or volume.unused) and not volume.suspended:
-            try:
+        try:
+            if (volume.buffered() or volume.unused) and not volume.suspended:
                 await volume.sync()
-            except OSError as exc:
-                log.error("periodic writeback failed: %s", exc)
-        memory.trim()
-
-
-async def _bring_back(volume: Volume) -> None:
-    """Faulted replicas that answer again are caught up and rejoin, and a mount suspended
-    past its timeout resumes once W replicas hold the pending record: never a remount."""
-    while True:
-        await trio.sleep(RECONNECT_SECONDS)
-        await volume.bring_back()  # cheap when nothing is faulted or pending
+        finally:
+            memory.trim()
+    return writeback
 
 
 async def _on_signals() -> None:
@@ -114,8 +119,10 @@ async def _main(volume: Volume, control_path: str, mountpoint: str) -> None:
     await volume.free_orphans()
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, control_path, _control_handler(volume))
-        nursery.start_soon(_writeback, volume)
-        nursery.start_soon(_bring_back, volume)
+        nursery.start_soon(_periodically, WRITEBACK_SECONDS, _writeback(volume))
+        # Faulted replicas that answer again are caught up and rejoin, and a mount suspended
+        # past its timeout resumes once W replicas hold the pending record: never a remount.
+        nursery.start_soon(_periodically, RECONNECT_SECONDS, volume.bring_back)
         nursery.start_soon(_on_signals)
         volume.background = nursery
         await pyfuse3.main()

@@ -31,7 +31,9 @@ class SlotFiles:
         self.unsynced: set[format.DataFile] = set()  # written without a sync since the last one
 
     def fd(self, data_file: format.DataFile, create: bool) -> tuple[int | None, bool]:
-        """An open fd for a slot file (cached); returns (fd, created)."""
+        """An open fd for a slot file (cached); returns (fd, created).  It stays open until
+        the caller's `_trim`: a write of more files than the cache holds must not have a
+        descriptor it is about to sync closed (and its number reused) under it."""
         fd = self._fds.get(data_file)
         if fd is not None:
             self._fds.move_to_end(data_file)
@@ -46,9 +48,12 @@ class SlotFiles:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             created = True
         self._fds[data_file] = fd
-        if len(self._fds) > _MAX_OPEN_FILES:
-            os.close(self._fds.popitem(last=False)[1])
         return fd, created
+
+    def _trim(self) -> None:
+        """Close the least recently used descriptors past the cache's size."""
+        while len(self._fds) > _MAX_OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
 
     def detach(self) -> list[int]:
         """Forget every open descriptor and hand them over (the caller closes them: on a
@@ -65,6 +70,12 @@ class SlotFiles:
         calling thread hung and was replaced: it stops before its next run."""
         if not os.path.isdir(self.path):
             raise OSError(errno.ENOENT, "replica directory vanished")
+        try:
+            self._write(slots, sync, abandoned)
+        finally:
+            self._trim()
+
+    def _write(self, slots: list[format.SlotWrite], sync: bool, abandoned: Callable[[], bool]) -> None:
         touched: dict[format.DataFile, int] = {}
         created = False
         layout = self.layout
@@ -111,6 +122,7 @@ class SlotFiles:
             else:
                 out.extend(_read_run(fd, self.layout, block, count))
             pos += count
+        self._trim()
         return out
 
     def sync_unsynced(self) -> None:
@@ -119,6 +131,7 @@ class SlotFiles:
             fd, _ = self.fd(data_file, create=False)
             if fd is not None:
                 os.fdatasync(fd)
+            self._trim()
         if self.unsynced:
             fsync_dir(self.path)
         self.unsynced.clear()
@@ -143,6 +156,7 @@ class SlotFiles:
             fd, _ = self.fd((file_id, slot), create=False)
             if fd is not None:
                 os.ftruncate(fd, self.layout.file_length(blocks))
+        self._trim()
 
     def rename_deleted(self, file_id: int) -> list[str]:
         """Close a freed file's slot files and rename them to `.deleted` (fast); returns the
@@ -176,6 +190,7 @@ class SlotFiles:
         has a body on (its head's generation is higher).  False if the filesystem cannot."""
         file_id, slot, offset, length, blocks = run
         fd, _ = self.fd((file_id, slot), create=False)
+        self._trim()  # the least recently used: not this one
         if fd is None:
             return True  # freed since
         layout = self.layout

@@ -579,6 +579,8 @@ class Volume:
         return buf
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
+        if self.suspended:  # nothing buffered now could be committed: memory stays bounded
+            raise fail(errno.EIO, self.suspended)
         node = self.tree.inodes[ino]
         bs = self.block_size
         pos = 0
@@ -616,6 +618,8 @@ class Volume:
                 await self.sync(ino)
             except OSError as exc:
                 log.warning("background commit of a bulk write failed: %s", exc)
+            except Exception:  # a bug here must not take the mount down (cancellation passes)
+                log.exception("background commit of a bulk write failed")
             finally:
                 self._flushing = False
         self.background.start_soon(flush)

@@ -52,3 +52,21 @@ def test_a_write_of_more_buffers_than_one_pwritev_takes(tmp_path):
         assert os.pread(fd, 10 << 20, 7) == b"".join(parts)
     finally:
         os.close(fd)
+
+
+def test_a_synced_write_of_more_files_than_the_descriptor_cache_holds(tmp_path):
+    """One write of slots in 300 files (a commit after a long ride-through): every file it
+    wrote is synced by its own descriptor, none closed under it by the cache (it was:
+    EBADF, or worse, the number reused by another replica's file and that one synced)."""
+    v = make_volume(tmp_path / "vol", n=2, k=1)
+    volume = Volume.open([str(r) for r in v.replicas], read_key_file(str(v.key)))
+    replica = volume.replicas[0]
+    share = share_length(volume.block_size + volume.keys.cipher.overhead, 1)
+    slots = [(1000 + f, 0, 0, format.pack_slot(7, bytes(16), bytes([f % 256]) * share))
+             for f in range(300)]
+    try:
+        replica.write_slots(slots)
+        wanted = [(file_id, 0, 0) for file_id, _, _, _ in slots]
+        assert replica.read_slots(wanted) == [b"".join(buffers) for *_, buffers in slots]
+    finally:
+        volume.close()

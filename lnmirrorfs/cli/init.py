@@ -60,7 +60,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.source:
         _import_or_undo(args, master, key_path)
     print(f"created volume {volume_id.hex()}: k={k} n={n} write quorum "
-          f"{default_quorum(k, n)}, block size {args.block_size}, cipher {keys.cipher.name}")
+          f"{default_quorum(k, n)}, block size {args.block_size}")
+    if args.cipher == "auto":
+        has = "has" if keys.cipher is codec.AEGIS256 else "has no"
+        print(f"cipher {keys.cipher.name}: this CPU {has} AES instructions (any CPU reads it; "
+              "AEGIS-256 is slow on one without them, e.g. a Raspberry Pi 4)")
+    else:
+        print(f"cipher {keys.cipher.name}")
     for index, path in enumerate(args.replica):
         print(f"  replica {index}: {path}")
     if n == 2 and k == 1:
