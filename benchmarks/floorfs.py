@@ -1,6 +1,6 @@
 """floorfs: lnmirrorfs' durability barriers and FUSE surface, with no data work: the floor.
 
-    python benchmarks/floorfs.py MOUNTPOINT --data DIR --replica DIR --replica DIR [--quorum W]
+    python benchmarks/floorfs.py MOUNTPOINT --data DIR --replica DIR --replica DIR [--quorum W] [--carry-data]
 
 A pyfuse3 + trio filesystem.  The tree (names, modes, owners, times) lives in memory only;
 file data is passed to one backing file per inode in --data (pread/pwrite on the event loop,
@@ -9,7 +9,11 @@ lnmirrorfs' barriers: each committing operation appends a 64-byte record to `flo
 every --replica directory and fdatasyncs it, each replica in its own worker thread fed by a
 queue (as lnmirrorfs' replica workers are), and replies once W of them (default: all) are
 done.  Barriers are serialized by one lock, like lnmirrorfs' volume lock.  A log grows in
-zero-filled 4 MiB chunks written without a sync, as lnmirrorfs' replica logs do.
+zero-filled 4 MiB chunks written without a sync, as lnmirrorfs' replica logs do.  With
+--carry-data a record also carries as many bytes as the operation made durable (the inodes'
+writes since their last barrier), so each barrier flushes what lnmirrorfs' would (its small
+commits carry their blocks in the log record; its big ones write them before it): the floor
+of a protocol that keeps the data durable too.
 
 Committing operations, as in lnmirrorfs/fuse_ops.py and volume.py: create, mknod, mkdir,
 symlink, link, unlink, rmdir, rename; setattr unless it changes nothing (a chown to the
@@ -123,9 +127,9 @@ class FloorFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = True
 
-    def __init__(self, data: str, replicas: list[str], quorum: int) -> None:
+    def __init__(self, data: str, replicas: list[str], quorum: int, carry_data: bool = False) -> None:
         super().__init__()
-        self.data, self.quorum = data, quorum
+        self.data, self.quorum, self.carry_data = data, quorum, carry_data
         self.replicas = [Replica(path) for path in replicas]
         now = time.time_ns()
         root = Node(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, nlink=2, time_ns=(now, now, now))
@@ -141,12 +145,14 @@ class FloorFS(pyfuse3.Operations):
     # ---- the barrier ----
 
     async def commit(self, what: str, inos: tuple[int, ...] = ()) -> None:
-        """A record on W replicas, durable; the buffered writes of `inos` go with it."""
-        for ino in inos:
-            self.dirty.pop(ino, None)
+        """A record on W replicas, durable; the buffered writes of `inos` go with it (their
+        bytes in the record, with --carry-data)."""
+        carried = sum(self.dirty.pop(ino, 0) for ino in inos)
         async with self.lock:
             self.seq += 1
             record = RECORD.pack(self.seq, time.time_ns(), what.encode())
+            if self.carry_data:
+                record += b"\xa5" * carried
             token, decided, answers = trio.lowlevel.current_trio_token(), trio.Event(), []
 
             def on_done(error: OSError | None) -> None:  # in a worker thread
@@ -461,11 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="directory for the backing files of file data")
     p.add_argument("--replica", action="append", required=True, help="a replica directory (repeat)")
     p.add_argument("--quorum", type=int, help="replicas a barrier waits for (default: all)")
+    p.add_argument("--carry-data", action="store_true",
+                   help="each record also carries the bytes its operation made durable")
     args = p.parse_args(argv)
     quorum = args.quorum or len(args.replica)
     if not 1 <= quorum <= len(args.replica):
         p.error(f"--quorum must be between 1 and {len(args.replica)}")
-    fs = FloorFS(args.data, args.replica, quorum)
+    fs = FloorFS(args.data, args.replica, quorum, args.carry_data)
     options = set(pyfuse3.default_options) | {"fsname=floorfs", "subtype=floor"}
     pyfuse3.init(fs, args.mountpoint, options)
     try:

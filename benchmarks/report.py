@@ -61,8 +61,8 @@ SCALE_ROWS = (
     ("mount_empty_s", "s", "  mount of the empty volume"),
     ("peak_rss_mib", "MiB", "daemon peak RSS (VmHWM), whole profile"),
 )
-BASES = ("plain", "floor", "gocryptfs")  # ratios of lnmirrorfs to each; others to plain only
-RATIO_COLUMNS = (("lnmirror-2", "floor"), ("lnmirror-2", "gocryptfs"))  # extra table columns
+BASES = ("plain", "floor", "floor-data", "gocryptfs")  # ratios of lnmirrorfs to each; others to plain only
+RATIO_COLUMNS = (("lnmirror-2", "floor"), ("lnmirror-2", "floor-data"), ("lnmirror-2", "gocryptfs"))
 
 
 # ---------------------------------------------------------------- statistics
@@ -95,7 +95,7 @@ def median_of(report: dict, target: str, measurement: str) -> dict:
 
 
 def add_ratios(report: dict) -> None:
-    """ratio_vs_plain for every target, and ratio_vs_floor / ratio_vs_gocryptfs for lnmirrorfs."""
+    """ratio_vs_plain for every target, and ratio_vs_floor / _floor-data / _gocryptfs for lnmirrorfs."""
     for name, t in report["targets"].items():
         bases = [b for b in BASES if b != name and (b == "plain" or name.startswith("lnmirror"))]
         for measurement, body in t.get("measurements", {}).items():

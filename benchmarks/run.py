@@ -13,15 +13,18 @@ Targets, all under one scratch directory on one disk (a mkdtemp under /var/tmp, 
   per replica, W=2) but no data work: file data goes unsynced to one backing directory.  It
   is the floor of lnmirrorfs' protocol on this disk; "cold" there is caches dropped (its
   tree lives in the daemon's memory, so it is never remounted in between);
+* ``floor-data`` -- the same with every record also carrying the bytes its operation made
+  durable (``floorfs.py --carry-data``): each barrier flushes what lnmirrorfs' flushes, so
+  lnm2/floor-data is what encryption, FEC, the tree and the slot files cost beyond it;
 * ``lnmirror-2`` -- an lnmirrorfs volume, 2 replicas, k=1 (``lnmirror init`` + ``mount_lnmirror -f``);
 * ``lnmirror-3`` -- an lnmirrorfs volume, 3 replicas, k=2;
 * ``gocryptfs``  -- gocryptfs over one directory, if the ``gocryptfs`` binary is installed
   (skipped with a note otherwise; this script installs nothing).
 
 Measurements, each repeated --reps times; the table shows the median of the reps, the
-ratio to the plain directory's median of the same run, and the columns lnm2/floor and
-lnm2/gocryptfs: lnmirror-2's median divided by floor's and by gocryptfs' (the JSON holds
-ratio_vs_plain for every target, and ratio_vs_floor / ratio_vs_gocryptfs for lnmirrorfs):
+ratio to the plain directory's median of the same run, and the columns lnm2/floor,
+lnm2/floor-data and lnm2/gocryptfs: lnmirror-2's median divided by theirs (the JSON holds
+ratio_vs_plain for every target, and ratio_vs_floor, _floor-data and _gocryptfs for lnmirrorfs):
 
 * ``commit_delete`` / ``commit_wal`` -- the lightningd-style SQLite loop of tests/workload.py
   (synchronous=FULL) in rollback-journal and WAL mode, on a fresh database per rep:

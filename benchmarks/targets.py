@@ -5,6 +5,8 @@ set up, mounted, unmounted, made cold, scrubbed and restored.
 * ``floor``      -- benchmarks/floorfs.py: lnmirrorfs' FUSE settings and durability barriers
   (a pwrite + fdatasync of a small record on each of 2 replica logs, W=2, per committing
   operation) but no data work: the floor of lnmirrorfs' protocol on this disk;
+* ``floor-data`` -- the same with every record carrying the bytes its operation made durable
+  (floorfs --carry-data): the floor of a protocol that keeps the data durable as well;
 * ``lnmirror-2`` -- an lnmirrorfs volume, 2 replicas, k=1 (``lnmirror init`` + ``mount_lnmirror -f``);
 * ``lnmirror-3`` -- an lnmirrorfs volume, 3 replicas, k=2;
 * ``gocryptfs``  -- gocryptfs over one directory (run.py skips it when it is not installed).
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from common import MIB, REPO, anomaly, drop_caches, run_cmd
 
-NAMES = ("plain", "floor", "lnmirror-2", "lnmirror-3", "gocryptfs")
+NAMES = ("plain", "floor", "floor-data", "lnmirror-2", "lnmirror-3", "gocryptfs")
 MOUNT = [sys.executable, str(REPO / "mount_lnmirror")]
 LNMIRROR = [sys.executable, "-m", "lnmirrorfs"]
 FLOORFS = [sys.executable, str(REPO / "benchmarks" / "floorfs.py")]
@@ -374,16 +376,20 @@ class Gocryptfs(Target):
 class Floor(Target):
     """benchmarks/floorfs.py: its tree lives in the daemon's memory, so a remount starts empty."""
 
-    name = "floor"
     fuse = True
     offline = False
 
-    def __init__(self, root: Path, env: dict) -> None:
+    def __init__(self, root: Path, env: dict, carry_data: bool) -> None:
         super().__init__(root, env)
+        self.carry_data = carry_data
+        self.name = "floor-data" if carry_data else "floor"
         self.data = root / "data"
         self.replicas = [root / f"replica{i}" for i in range(2)]
 
     def describe(self) -> str:
+        if self.carry_data:
+            return ("floorfs --carry-data: as floor, each record also carrying the bytes its "
+                    "operation made durable (what lnmirrorfs' barriers flush)")
         return ("floorfs: lnmirrorfs' barriers (pwrite + fdatasync on 2 replica logs, W=2) and FUSE "
                 "settings, no data work (data in one backing dir, unsynced); cold = caches dropped")
 
@@ -393,7 +399,8 @@ class Floor(Target):
         self.mount()
 
     def mount_command(self) -> list[str]:
-        return FLOORFS + [str(self.mountpoint), "--data", str(self.data)] + replica_flags(self.replicas)
+        return (FLOORFS + [str(self.mountpoint), "--data", str(self.data)] + replica_flags(self.replicas)
+                + (["--carry-data"] if self.carry_data else []))
 
     def cold(self) -> bool:
         """The daemon caches nothing (its data is in the backing files): dropping caches makes
@@ -409,8 +416,8 @@ def make_target(name: str, scratch: Path, env: dict) -> Target:
     root = scratch / name
     if name == "plain":
         return Plain(root, env)
-    if name == "floor":
-        return Floor(root, env)
+    if name in ("floor", "floor-data"):
+        return Floor(root, env, carry_data=name == "floor-data")
     if name == "lnmirror-2":
         return Lnmirror(root, env, 2, 1)
     if name == "lnmirror-3":

@@ -33,7 +33,7 @@ def test_codec_benchmark_smoke(tmp_path):
     assert all(c["encode"]["mb_per_s"] > 0 and c["decode_parity"]["seconds"] >= 0.02 for c in cells)
 
 
-RUN_TARGETS = ("plain", "floor", "lnmirror-2", "lnmirror-3", "gocryptfs")
+RUN_TARGETS = ("plain", "floor", "floor-data", "lnmirror-2", "lnmirror-3", "gocryptfs")
 RUN_MEASUREMENTS = ("commit_delete", "commit_wal", "iops_4k_fdatasync", "seq_write", "seq_read",
                     "rand_read_4k", "daemon_rss", "scrub_live", "scrub", "restore")
 HEADLINE = {"commit_delete": "commits_per_s", "commit_wal": "commits_per_s", "iops_4k_fdatasync": "iops",
@@ -50,7 +50,7 @@ def applies(target: str, measurement: str) -> bool:
     if measurement == "scrub_live":
         return target.startswith("lnmirror")
     if measurement in ("scrub", "restore"):
-        return target != "floor"  # nothing to verify or restore
+        return not target.startswith("floor")  # nothing to verify or restore
     return True
 
 
@@ -79,7 +79,7 @@ def test_run_benchmark_smoke(tmp_path):
             assert "errors" not in body, (name, m, body)
             assert len(body["reps"]) == 1, (name, m, body)
             assert body["median"][HEADLINE[m]] > 0, (name, m, body)
-            bases = [b for b in ("plain", "floor", "gocryptfs") if b in measured and b != name
+            bases = [b for b in ("plain", "floor", "floor-data", "gocryptfs") if b in measured and b != name
                      and applies(b, m) and (b == "plain" or name.startswith("lnmirror"))]
             for base in bases:
                 assert body[f"ratio_vs_{base}"][HEADLINE[m]] > 0, (name, m, base, body)
@@ -95,9 +95,11 @@ def test_run_benchmark_smoke(tmp_path):
 
     lines = proc.stdout.splitlines()
     head = next(line for line in lines if line.startswith("measurement"))
-    assert "lnm2/floor" in head and ("lnm2/gocryptfs" in head) == ("gocryptfs" in measured), head
+    assert "lnm2/floor " in head and "lnm2/floor-data" in head, head
+    assert ("lnm2/gocryptfs" in head) == ("gocryptfs" in measured), head
     row = next(line for line in lines if line.startswith("SQLite commit, rollback journal"))
     assert len(re.findall(r"\(\d+\.\d+x\)", row)) == len(measured) - 1, row  # a ratio to plain each
-    assert len(re.findall(r" \d+\.\d+x(?= |$)", row)) == len(measured) - 3, row  # lnm2/floor, /gocryptfs
+    ratio_columns = len(measured) - 3  # lnm2/floor, lnm2/floor-data and (if measured) lnm2/gocryptfs
+    assert len(re.findall(r" \d+\.\d+x(?= |$)", row)) == ratio_columns, row
     assert any(line.startswith("commit latency during a live scrub") for line in lines), proc.stdout
     assert any(line.startswith("scale profile: lnmirrorfs n=2 k=1") for line in lines), proc.stdout
