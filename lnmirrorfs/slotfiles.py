@@ -239,9 +239,14 @@ def _run_length(wanted: list[SlotKey], pos: int, group: int,
 
 def _read_run(fd: int, layout: format.SlotLayout, first: int, count: int) -> list[bytes]:
     """The raw slots of blocks first .. first + count - 1, all in one group: a slot whose
-    head is cut short by the end of the file is returned as far as it goes."""
+    head is cut short by the end of the file is returned as far as it goes.  Heads and
+    bodies lie apart: the bodies' read is started ahead (WILLNEED) so that on a cold disk
+    the two reads overlap instead of one waiting for the other."""
+    bodies_at, bodies_length = layout.body_offset(first), count * layout.body_size
+    if bodies_length:
+        os.posix_fadvise(fd, bodies_at, bodies_length, os.POSIX_FADV_WILLNEED)
     heads = os.pread(fd, count * layout.head_size, layout.head_offset(first))
-    bodies = os.pread(fd, count * layout.body_size, layout.body_offset(first)) if len(heads) else b""
+    bodies = os.pread(fd, bodies_length, bodies_at) if len(heads) else b""
     out = []
     for i in range(count):
         head = heads[i * layout.head_size:(i + 1) * layout.head_size]
