@@ -117,7 +117,7 @@ class BlockReader:
                 for item, raw in zip(asks[r], raws, strict=True):
                     index = item[0]
                     got = self._check(r, ino, item, raw)
-                    if got is None:
+                    if got is None and r.usable:  # a STALE one may just lack that version
                         self._bad_share(r, ino, index)
                     elif self.k == 1:
                         out[index] = got
@@ -137,14 +137,21 @@ class BlockReader:
                    tried: dict[int, set[Replica]]) -> dict[Replica, list[tuple[int, int, int, int]]]:
         """Which replica to ask for which blocks this round: each block the shares it lacks
         from replicas not asked for it yet, least busy first, the i-th of `spread` runs of
-        blocks starting at the i-th replica (blocks stay in order: a run is one pread)."""
+        blocks starting at the i-th replica (blocks stay in order: a run is one pread).
+
+        Past the online replicas, the STALE ones: one that missed later records still holds
+        the versions of the blocks those did not touch (a crash cut the last record short
+        on two replicas of three, and the third's copy of an older block rotted).  What it
+        gives is checked like any share: the generation, and the checksum or AEAD that bind
+        the generation and term, so an older version never passes."""
         online = sorted(self.replica_set.online, key=lambda r: r.worker.pending)
+        standby = self.replica_set.standby
         spread = len(online) if len(remaining) >= SPREAD_BLOCKS else 1
         asks: dict[Replica, list[tuple[int, int, int, int]]] = {}
         for position, item in enumerate(remaining):
             index = item[0]
             turn = position * spread // len(remaining)
-            untried = [r for r in online[turn:] + online[:turn] if r not in tried[index]]
+            untried = [r for r in online[turn:] + online[:turn] + standby if r not in tried[index]]
             for r in untried[:self.k - len(shares[index])]:
                 asks.setdefault(r, []).append(item)
                 tried[index].add(r)

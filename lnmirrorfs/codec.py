@@ -216,15 +216,19 @@ class _Nonces:
 _nonces = _Nonces()
 
 
-def _seal(cipher: Cipher, key: bytes, plaintext: Buffer, aad: bytes) -> bytes:
-    """nonce || AEAD(plaintext, aad)."""
+def _seal(cipher: Cipher, key: bytes, plaintext: Buffer, aad: bytes,
+          into: memoryview | None = None) -> Buffer:
+    """nonce || AEAD(plaintext, aad): new bytes, or written `into` a writable buffer of
+    exactly that size (returned)."""
     _check_key(key)
     nonce = _nonces.next()
-    out = bytearray(NONCE_BYTES + len(plaintext) + cipher.tag_bytes)
+    out = bytearray(NONCE_BYTES + len(plaintext) + cipher.tag_bytes) if into is None else into
+    if len(out) != NONCE_BYTES + len(plaintext) + cipher.tag_bytes:
+        raise ValueError(f"sealed buffer of {len(out)} bytes for {len(plaintext)} plaintext bytes")
     out[:NONCE_BYTES] = nonce
     cipher.encrypt(_ffi.from_buffer(out) + NONCE_BYTES, _ffi.NULL, _ffi.from_buffer(plaintext),
                    len(plaintext), aad, len(aad), _ffi.NULL, nonce + cipher.nonce_pad, key)
-    return bytes(out)
+    return bytes(out) if into is None else into
 
 
 def _open(cipher: Cipher, key: bytes, sealed: Buffer, aad: bytes) -> bytes:
@@ -264,10 +268,12 @@ def block_aad(volume_id: bytes, file_id: int, block: int, gen: int, term: int) -
 
 
 def encrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int, term: int,
-                  plaintext: bytes) -> bytes:
-    """Seal one block; the AAD pins it to its volume, file, index and the identity of the
-    record that wrote it (generation and term: a rolled-back record's block never matches)."""
-    return _seal(keys.cipher, keys.block, plaintext, block_aad(volume_id, file_id, block, gen, term))
+                  plaintext: bytes, into: memoryview | None = None) -> Buffer:
+    """Seal one block (`into` that buffer, if given); the AAD pins it to its volume, file,
+    index and the identity of the record that wrote it (generation and term: a rolled-back
+    record's block never matches)."""
+    return _seal(keys.cipher, keys.block, plaintext, block_aad(volume_id, file_id, block, gen, term),
+                 into)
 
 
 def decrypt_block(keys: Keys, volume_id: bytes, file_id: int, block: int, gen: int, term: int,
@@ -300,10 +306,10 @@ def share_length(data_length: int, k: int) -> int:
     return -(-data_length // k)
 
 
-def fec_encode(data: bytes, k: int, n: int) -> list[bytes]:
-    """Split data into n shares of which any k rebuild it (zero-padded to a multiple of k)."""
+def fec_encode(data: Buffer, k: int, n: int) -> list[Buffer]:
+    """Split data into n shares of which any k rebuild it (zero-padded to a multiple of k).
+    With k = 1 every share is `data` itself, not a copy."""
     if k == 1:
-        data = bytes(data)
         return [data] * n
     size = share_length(len(data), k)
     padded = bytes(data) + bytes(size * k - len(data))
@@ -360,9 +366,11 @@ def share_ok(keys: Keys, volume_id: bytes, k: int, file_id: int, block: int, gen
 
 
 def encode_block(keys: Keys, volume_id: bytes, k: int, n: int, file_id: int, block: int,
-                 gen: int, term: int, plaintext: bytes) -> list[tuple[bytes, bytes]]:
-    """Encrypt then FEC-encode one block: returns n (checksum, share) pairs, share i for replica i."""
-    sealed = encrypt_block(keys, volume_id, file_id, block, gen, term, plaintext)
+                 gen: int, term: int, plaintext: bytes,
+                 into: memoryview | None = None) -> list[tuple[bytes, Buffer]]:
+    """Encrypt (`into` that buffer, if given) then FEC-encode one block: returns n
+    (checksum, share) pairs, share i for replica i."""
+    sealed = encrypt_block(keys, volume_id, file_id, block, gen, term, plaintext, into)
     shares = fec_encode(sealed, k, n)
     return [(slot_checksum(keys, volume_id, k, file_id, block, gen, term, i, s), s)
             for i, s in enumerate(shares)]

@@ -4,7 +4,10 @@ glibc gives each thread that contends for the heap an arena of its own (up to 8 
 and keeps freed memory in them. The daemon's replica and encoder threads allocate the
 sealed blocks of a commit and the event loop frees them, so a bulk write left some 20 MB of
 free but resident memory spread over arenas (measured: peak RSS writing 2 GiB, 126 MB with
-the default arenas, 104 MB with two). Elsewhere (musl, macOS) both calls do nothing.
+the default arenas, 104 MB with two). A commit's sealed blocks are one buffer
+(Volume._encode_plan), and buffers from 256 KiB up are mapped apart from the heap and
+unmapped when freed: glibc's own threshold grows with the sizes freed, up to 32 MiB, and
+then put those buffers on the heap too. Elsewhere (musl, macOS) these calls do nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+_M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
 ARENAS = 2
+MMAP_THRESHOLD = 256 << 10
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -32,6 +37,7 @@ def limit_arenas() -> None:
     """Call before the first thread starts: later arenas are not created past ARENAS."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_ARENA_MAX, ARENAS)
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def trim() -> None:

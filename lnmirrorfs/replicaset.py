@@ -16,7 +16,7 @@ import trio
 from . import codec
 from .opening import open_returned
 from .replay import Loaded
-from .replica import FAULTED, ONLINE, Replica, ReplicaError
+from .replica import FAULTED, ONLINE, STALE, Replica, ReplicaError
 
 log = logging.getLogger("lnmirrorfs.replicaset")
 Event = Callable[[str, str, str], None]
@@ -39,6 +39,12 @@ class ReplicaSet:
     @property
     def online(self) -> list[Replica]:
         return [r for r in self.replicas if r.usable]
+
+    @property
+    def standby(self) -> list[Replica]:
+        """STALE replicas that can be read: behind or diverged, so read only as a last
+        resort, for a block whose exact version they hold (BlockReader)."""
+        return [r for r in self.replicas if r.state == STALE and r.worker is not None]
 
     def close(self) -> None:
         for r in self.replicas:

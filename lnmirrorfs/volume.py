@@ -194,11 +194,12 @@ class Volume:
             r.counters = Counters(**self.tree.error_counts.get(r.index, {}))
             if view.loaded is not None:
                 r.last_seq = min(view.loaded.tree.seq, self.tree.seq)
+                if not self.writable:  # a STALE one too: reads may fall back to it
+                    r.overlay = view.loaded.redo
             if r.state != ONLINE:
                 continue
             self.log_bytes = max(self.log_bytes, view.loaded.log_end)
             if not self.writable:
-                r.overlay = view.loaded.redo
                 continue
             try:
                 r.apply_redo(view.loaded.redo)
@@ -453,10 +454,17 @@ class Volume:
             return await trio.to_thread.run_sync(self._encode_plan, seq, plan)
 
     def _encode_plan(self, seq: int, plan: list[tuple[int, int, int, bytes]]) -> list[list]:
+        """The blocks are sealed into one buffer for the whole commit (with k = 1 it is what
+        the replicas write): one allocation, given back whole once the commit is done,
+        where a block each left a bulk write's heap fragmented (see memory.py)."""
         slots: list[list[format.SlotWrite]] = [[] for _ in range(self.n)]
-        for ino, index, slot, data in plan:
+        sealed_size = self.block_size + self.keys.cipher.overhead
+        sealed = memoryview(bytearray(len(plan) * sealed_size))
+        for position, (ino, index, slot, data) in enumerate(plan):
+            into = sealed[position * sealed_size:(position + 1) * sealed_size]
             for i, (checksum, share) in enumerate(codec.encode_block(
-                    self.keys, self.volume_id, self.k, self.n, ino, index, seq, self.term, data)):
+                    self.keys, self.volume_id, self.k, self.n, ino, index, seq, self.term, data,
+                    into)):
                 slots[i].append((ino, index, slot, format.pack_slot(seq, checksum, share)))
         return slots
 

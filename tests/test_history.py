@@ -18,11 +18,13 @@ from history import run_histories
 from conftest import slow_enabled
 
 DEFAULT_HISTORIES = 1000
-# Histories that once found a bug, kept so it stays found: (seed, steps, what it was).
+# Histories that once found a bug, kept so it stays found: (seed, steps, block size, what it was).
 FOUND = [
-    (5618, 30, "a free ran on a replica whose part of the unlink failed late"),
-    (700395, 60, "the power-cut model deleted files of a replica away at the open"),
-    (718035156, 30, "scrub removed files of an unacknowledged unlink an older state still used"),
+    (5618, 30, 512, "a free ran on a replica whose part of the unlink failed late"),
+    (700395, 60, 512, "the power-cut model deleted files of a replica away at the open"),
+    (718035156, 30, 512, "scrub removed files of an unacknowledged unlink an older state still used"),
+    (901465, 60, 4096, "a read-only open read only the source, whose copy of an older block had "
+                       "rotted, not the two replicas one unacknowledged record behind"),
 ]
 
 
@@ -47,9 +49,9 @@ def test_random_histories():
     _run(DEFAULT_HISTORIES, 30)
 
 
-@pytest.mark.parametrize("seed, steps, found", FOUND, ids=[str(f[0]) for f in FOUND])
-def test_histories_that_found_a_bug(seed: int, steps: int, found: str, tmp_path):
-    run_histories(range(seed, seed + 1), tmp_path, steps, block_size=512)  # as when found
+@pytest.mark.parametrize("seed, steps, block_size, found", FOUND, ids=[str(f[0]) for f in FOUND])
+def test_histories_that_found_a_bug(seed: int, steps: int, block_size: int, found: str, tmp_path):
+    run_histories(range(seed, seed + 1), tmp_path, steps, block_size=block_size)  # as when found
 
 
 @pytest.mark.slow
