@@ -117,8 +117,9 @@ class BlockReader:
                 for item, raw in zip(asks[r], raws, strict=True):
                     index = item[0]
                     got = self._check(r, ino, item, raw)
-                    if got is None and r.usable:  # a STALE one may just lack that version
-                        self._bad_share(r, ino, index)
+                    if got is None:
+                        if r.usable:  # a STALE one may just lack that version
+                            self._bad_share(r, ino, index)
                     elif self.k == 1:
                         out[index] = got
                     else:

@@ -25,6 +25,7 @@ FOUND = [
     (718035156, 30, 512, "scrub removed files of an unacknowledged unlink an older state still used"),
     (901465, 60, 4096, "a read-only open read only the source, whose copy of an older block had "
                        "rotted, not the two replicas one unacknowledged record behind"),
+    (900068, 60, 4096, "that fallback took a STALE replica's bad k=1 share for the block (None)"),
 ]
 
 
