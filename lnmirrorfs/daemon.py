@@ -44,7 +44,7 @@ def _writeback(volume: Volume) -> Callable[[], Awaitable[None]]:
         """Like the kernel's dirty writeback: buffered data reaches the replicas within seconds."""
         await volume.replica_set.probe()  # faults a vanished or hung replica while idle
         try:
-            if (volume.buffered() or volume.unused) and not volume.suspended:
+            if (volume.buffer.buffered() or volume.unused) and not volume.suspended:
                 await volume.sync()
         finally:
             memory.trim()

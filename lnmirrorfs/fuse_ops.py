@@ -75,15 +75,15 @@ class Operations(pyfuse3.Operations):
         a.st_nlink = node.nlink
         a.st_uid, a.st_gid, a.st_rdev = node.uid, node.gid, node.rdev
         if node.is_reg:
-            a.st_size = self.volume.size_of(node)
+            a.st_size = self.volume.buffer.size_of(node)
         elif stat.S_ISLNK(node.mode):
             a.st_size = len(node.target)
         else:
             a.st_size = 0
         a.st_blksize = self.volume.block_size
         a.st_blocks = -(-a.st_size // 512)
-        mtime = self.volume.mtime_of(node)
-        a.st_atime_ns, a.st_mtime_ns = self.volume.atime_of(node), mtime
+        mtime = self.volume.buffer.mtime_of(node)
+        a.st_atime_ns, a.st_mtime_ns = self.volume.buffer.atime_of(node), mtime
         a.st_ctime_ns = max(node.ctime_ns, mtime)
         return a
 
@@ -137,7 +137,7 @@ class Operations(pyfuse3.Operations):
         if changes and set(changes) <= {"atime", "mtime"}:
             # Times alone: the kernel sends its mtime before every fsync with the writeback
             # cache; buffered, they are made durable with the inode's next record.
-            self.volume.retime(inode, **changes)
+            self.volume.buffer.retime(inode, **changes)
         elif changes:
             node = await self.names.setattr(inode, **changes)
         return self._attr(node)
@@ -228,7 +228,7 @@ class Operations(pyfuse3.Operations):
         # any writable handle, just before this FLUSH.  A read-only close promises nothing
         # and must not fail for another handle's writes.
         handle = self._file_handles[fh]
-        if handle.writable and self.volume.is_buffered(handle.ino):
+        if handle.writable and self.volume.buffer.is_buffered(handle.ino):
             await self.volume.sync_on_close(handle.ino)
 
     @_guard

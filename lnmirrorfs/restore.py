@@ -43,7 +43,7 @@ async def restore_tree(volume: Volume, target: str, progress: Progress | None = 
     first_path: dict[int, str] = {}
     counts = {"files": 0, "dirs": 0, "links": 0, "bytes": 0, "skipped_sockets": 0}
     dirs: list[tuple[str, Inode]] = [(target, tree.inodes[1])]
-    sizes = {node.ino: volume.size_of(node) for _, node in tree.walk() if node.is_reg}
+    sizes = {node.ino: volume.buffer.size_of(node) for _, node in tree.walk() if node.is_reg}
     meter = _Meter(progress, sum(sizes.values()))
     for rel, node in tree.walk():
         path = os.path.join(target, os.fsdecode(rel))
@@ -89,7 +89,7 @@ async def _restore_file(volume: Volume, node: Inode, path: str, meter: _Meter) -
     """Copy one file out.  READ_AHEAD_CHUNKS chunks are being read (in the replicas'
     threads) while one is written (in a thread of its own) and its writeback starts at
     once: a restore waits for the slowest of the three, not for their sum."""
-    size = volume.size_of(node)
+    size = volume.buffer.size_of(node)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         async with trio.open_nursery() as nursery:
@@ -246,5 +246,5 @@ async def _verify_file(volume: Volume, ino: int, path: str) -> None:
             if await volume.read(ino, offset, len(chunk)) != chunk:
                 raise RestoreError(f"{path}: read back from the volume differs from the source")
             offset += len(chunk)
-    if volume.size_of(volume.tree.inodes[ino]) != offset:
+    if volume.buffer.size_of(volume.tree.inodes[ino]) != offset:
         raise RestoreError(f"{path}: size in the volume differs from the source")

@@ -43,8 +43,9 @@ from .replica import (
 )
 from .replicaset import ReplicaSet
 from .stale import stale_pages
-from .tree import HOLE, Inode, Tree, encode_ops, entry_slot
+from .tree import Inode, Tree, encode_ops
 from .worker import Once
+from .writebuffer import Plan, WriteBuffer
 
 log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
@@ -118,12 +119,7 @@ class Volume:
         # None offline: a write past the bound commits itself, as it does past dirty_bytes).
         self.background: trio.Nursery | None = None
         self._flushing = False                   # a background commit is started or waiting
-        # Buffered blocks: whole ones as written (bytes), partly written ones as bytearray.
-        self.dirty: dict[int, dict[int, bytes | bytearray]] = {}
-        self.inflight: dict[int, dict[int, bytes]] = {}
-        self.pending_size: dict[int, int] = {}
-        self.pending_mtime: dict[int, int] = {}
-        self.pending_atime: dict[int, int] = {}
+        self.buffer = WriteBuffer()
         self.refs: dict[int, int] = {}           # kernel lookup counts (FUSE forget protocol)
         self.unused: set[int] = set()            # orphans the kernel forgot: free next record
         self.log_bytes = 0
@@ -132,7 +128,8 @@ class Volume:
         # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
         self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
         self.reader = BlockReader(self.replica_set, keys, self.volume_id, tree, self.k, self.n,
-                                  self.block_size, options.cache_bytes, self.dirty, self.inflight)
+                                  self.block_size, options.cache_bytes, self.buffer.dirty,
+                                  self.buffer.inflight)
 
     @classmethod
     def open(cls, paths: list[str], master: bytes, options: Options | None = None,
@@ -260,19 +257,19 @@ class Volume:
         """Make ops and the dirty blocks of `inos` durable on W replicas.  Caller holds self.lock."""
         inos = list(inos)
         self._check_writable()
-        if not (ops or any(self.dirty.get(i) or self._retimed(i) for i in inos) or self.unused
-                or self.members.pending()):
+        if not (ops or any(self.buffer.dirty.get(i) or self.buffer.retimed(i) for i in inos)
+                or self.unused or self.members.pending()):
             return
         await self.start_term()
         seq = self.tree.seq + 1
         freed = self._take_unused()
         for node in freed:  # what was buffered for them goes with them
-            for table in (self.dirty, self.pending_mtime, self.pending_atime):
-                table.pop(node.ino, None)
-        retimed = [i for i in inos if self._retimed(i)]
-        plan: list[tuple[int, int, int, bytes]] = []
-        write_ops = [self._retime_op(ino) for ino in retimed]
-        write_ops += [self._take_dirty(ino, plan) for ino in inos if self.dirty.get(ino)]
+            self.buffer.forget(node.ino)
+        retimed = [i for i in inos if self.buffer.retimed(i)]
+        plan: Plan = []
+        write_ops = [self.buffer.retime_op(ino) for ino in retimed]
+        write_ops += [self.buffer.take(self.tree.inodes[ino], plan, self.rewritten)
+                      for ino in inos if self.buffer.dirty.get(ino)]
         slots = await self._encode(seq, plan)
         ops = (self.members.ops(self.choice.serve if self.choice else None)
                + [{"op": "free", "ino": n.ino} for n in freed] + write_ops + ops)
@@ -356,7 +353,7 @@ class Volume:
                                   "replicas are back (the mount resumes by itself)")
                 log.error("%s", self.suspended)
                 self.replica_set.on_event("suspended", "", self.suspended)
-                self._requeue_inflight(record.inos)
+                self.buffer.requeue(record.inos)
         if self.pending is not None:
             raise fail(errno.EIO, self.suspended)
 
@@ -411,39 +408,7 @@ class Volume:
         self.term_started = True
         self.members.acknowledged()
 
-    def _retimed(self, ino: int) -> bool:
-        """Times changed and buffered (Volume.retime) that no write op will carry."""
-        return ino in self.pending_atime or (ino in self.pending_mtime and not self.dirty.get(ino))
-
-    def _retime_op(self, ino: int) -> dict:
-        op = {"op": "setattr", "ino": ino, "ctime": time.time_ns()}
-        if ino in self.pending_atime:
-            op["atime"] = self.pending_atime[ino]
-        if ino in self.pending_mtime and not self.dirty.get(ino):
-            op["mtime"] = self.pending_mtime[ino]
-        return op
-
-    def _take_dirty(self, ino: int, plan: list[tuple[int, int, int, bytes]]) -> dict:
-        """Move an inode's dirty blocks in flight and give each the slot it does not use
-        now; `plan` gets (ino, block, slot, data) for _encode.  Returns the write op."""
-        node = self.tree.inodes[ino]
-        blocks = self.dirty.pop(ino)
-        inflight = self.inflight.setdefault(ino, {})
-        packed = []
-        for index in sorted(blocks):
-            data = bytes(blocks[index])
-            inflight[index] = data
-            old = node.blocks[index] if index < len(node.blocks) else HOLE
-            slot = 1 - entry_slot(old) if old != HOLE else 0
-            if old != HOLE:
-                self.rewritten.add((ino, index))
-            plan.append((ino, index, slot, data))
-            packed.append(index << 1 | slot)
-        return {"op": "write", "ino": ino, "blocks": packed,
-                "size": self.pending_size.get(ino, node.size),
-                "mtime": self.pending_mtime.get(ino, time.time_ns())}
-
-    async def _encode(self, seq: int, plan: list[tuple[int, int, int, bytes]]) -> list[list]:
+    async def _encode(self, seq: int, plan: Plan) -> list[list]:
         """Seal and FEC-encode the planned blocks for generation `seq` into per-replica
         slots.  A big commit is encoded in a thread (libsodium, zfec and BLAKE2b release
         the GIL), so the event loop goes on buffering the writes that follow; it is
@@ -453,7 +418,7 @@ class Volume:
         with trio.CancelScope(shield=True):
             return await trio.to_thread.run_sync(self._encode_plan, seq, plan)
 
-    def _encode_plan(self, seq: int, plan: list[tuple[int, int, int, bytes]]) -> list[list]:
+    def _encode_plan(self, seq: int, plan: Plan) -> list[list]:
         """The blocks are sealed into one buffer for the whole commit (with k = 1 it is what
         the replicas write): one allocation, given back whole once the commit is done,
         where a block each left a bulk write's heap fragmented (see memory.py)."""
@@ -469,30 +434,18 @@ class Volume:
         return slots
 
     def _settle_inflight(self, inos: Iterable[int], cache_all: bool = True) -> None:
-        """After a commit of these inodes: their blocks are durable, their size and mtime
-        are in the tree (a truncate may have left an empty dirty table: drop it too).
-        The blocks go to the cache; after a big commit (a bulk write) only each inode's
-        last one, which an append's next partial write reads: the rest would only push
-        out what a database rereads, and the kernel's page cache holds them anyway."""
+        """After a commit of these inodes: their blocks are durable (WriteBuffer.settle).
+        They go to the cache; after a big commit (a bulk write) only each inode's last
+        one, which an append's next partial write reads: the rest would only push out what
+        a database rereads, and the kernel's page cache holds them anyway."""
         for ino in inos:
-            blocks = self.inflight.pop(ino, {})
+            blocks = self.buffer.settle(ino)
             last = max(blocks, default=None)
             for index, data in blocks.items():
                 if cache_all or index == last:
                     self.reader.cache.put(ino, index, data)
                 else:  # the version cached before this commit must not be served again
                     self.reader.cache.discard(ino, index)
-            if not self.dirty.get(ino):
-                self.dirty.pop(ino, None)
-                self.pending_size.pop(ino, None)
-                self.pending_mtime.pop(ino, None)
-                self.pending_atime.pop(ino, None)
-
-    def _requeue_inflight(self, inos: list[int]) -> None:
-        for ino in inos:
-            dirty = self.dirty.setdefault(ino, {})
-            for index, data in self.inflight.pop(ino, {}).items():
-                dirty.setdefault(index, data)
 
     def seal_snapshot(self) -> bytes:
         """The current tree, sealed, with the highest record known acknowledged: a snapshot
@@ -547,19 +500,9 @@ class Volume:
 
     # ---- file data ----
 
-    def size_of(self, node: Inode) -> int:
-        return self.pending_size.get(node.ino, node.size)
-
-    def atime_of(self, node: Inode) -> int:
-        return self.pending_atime.get(node.ino, node.atime_ns)
-
-    def mtime_of(self, node: Inode) -> int:
-        """Written but not yet committed data has already changed the file's mtime."""
-        return self.pending_mtime.get(node.ino, node.mtime_ns)
-
     async def read(self, ino: int, offset: int, length: int) -> bytes:
         node = self.tree.inodes[ino]
-        end = min(offset + length, self.size_of(node))
+        end = min(offset + length, self.buffer.size_of(node))
         if offset >= end:
             return b""
         bs = self.block_size
@@ -578,12 +521,13 @@ class Volume:
         Reading that content may wait for the replicas; meanwhile another write of the same
         block may be buffered or committed (an mmap writeback, a second handle): read_block
         returns what is current when it returns, and a buffer made meanwhile wins."""
-        buf = self.dirty.get(node.ino, {}).get(index)
+        dirty = self.buffer.dirty
+        buf = dirty.get(node.ino, {}).get(index)
         if buf is None:
             old = await self.reader.read_block(node, index)
-            buf = self.dirty.setdefault(node.ino, {}).setdefault(index, bytearray(old))
+            buf = dirty.setdefault(node.ino, {}).setdefault(index, bytearray(old))
         if isinstance(buf, bytes):  # a whole block written before: copied only now
-            buf = self.dirty[node.ino][index] = bytearray(buf)
+            buf = dirty[node.ino][index] = bytearray(buf)
         return buf
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
@@ -596,17 +540,15 @@ class Volume:
             index, lo = divmod(offset + pos, bs)
             take = min(bs - lo, len(data) - pos)
             if take == bs:
-                self.dirty.setdefault(ino, {})[index] = bytes(data[pos:pos + bs])  # one copy
+                self.buffer.dirty.setdefault(ino, {})[index] = bytes(data[pos:pos + bs])  # one copy
             else:
                 buf = await self._dirty_block(node, index)
                 buf[lo:lo + take] = data[pos:pos + take]
             pos += take
-        self.pending_size[ino] = max(self.size_of(node), offset + len(data))
-        self.pending_mtime[ino] = time.time_ns()
-        held = sum(map(len, self.dirty.values())) + sum(map(len, self.inflight.values()))
-        if held * bs > self.options.dirty_bytes:
+        self.buffer.wrote(node, offset + len(data))
+        if self.buffer.held_blocks() * bs > self.options.dirty_bytes:
             await self.sync(ino)
-        elif len(self.dirty.get(ino, ())) * bs >= self.options.dirty_bytes // 2:
+        elif self.buffer.dirty_blocks(ino) * bs >= self.options.dirty_bytes // 2:
             self._flush_in_background(ino)
         return len(data)
 
@@ -640,7 +582,7 @@ class Volume:
     async def _sync_locked(self, ino: int | None) -> None:
         if self.suspended:
             raise fail(errno.EIO, self.suspended)
-        inos = [ino] if ino is not None else sorted(self.buffered())
+        inos = [ino] if ino is not None else sorted(self.buffer.buffered())
         await self.commit([], [i for i in inos if i in self.tree.inodes])
 
     async def sync_on_close(self, ino: int) -> None:
@@ -661,36 +603,17 @@ class Volume:
         finally:
             self.lock.release()
 
-    def buffered(self) -> set[int]:
-        """Inodes with changes in memory only: data written, or times (retime)."""
-        return set(self.dirty) | set(self.pending_mtime) | set(self.pending_atime)
-
-    def is_buffered(self, ino: int) -> bool:
-        """ino in buffered(), without building the set (asked on every close)."""
-        return ino in self.dirty or ino in self.pending_mtime or ino in self.pending_atime
-
-    def retime(self, ino: int, atime: int | None = None, mtime: int | None = None) -> None:
-        """A change of times alone (touch, or the kernel's own mtime before an fsync with
-        the writeback cache): buffered like a write and made durable with the inode's
-        next record (its fsync, close, or the periodic writeback), so it costs no barrier."""
-        if atime is not None:
-            self.pending_atime[ino] = atime
-        if mtime is not None:
-            self.pending_mtime[ino] = mtime
-
     async def truncate_buffers(self, node: Inode, size: int) -> None:
         """Drop buffered and cached blocks past the new end; zero the tail of the last one."""
         bs = self.block_size
         keep = -(-size // bs)
-        for table in (self.dirty.get(node.ino, {}), self.inflight.get(node.ino, {})):
-            for index in [i for i in table if i >= keep]:
-                del table[index]
+        self.buffer.cut(node.ino, keep)
         self.reader.cache.drop(node.ino, keep)
-        if size % bs and size < self.size_of(node):
+        if size % bs and size < self.buffer.size_of(node):
             buf = await self._dirty_block(node, size // bs)
             buf[size % bs:] = bytes(bs - size % bs)
             self.reader.cache.discard(node.ino, size // bs)
-        self.pending_size[node.ino] = size
+        self.buffer.resize(node.ino, size)
 
     def reclaim_beyond_end(self, node: Inode) -> None:
         blocks = len(node.blocks)
@@ -726,7 +649,7 @@ class Volume:
     async def released(self, ino: int) -> None:
         """A file handle closed: whatever was written through it (or an mmap) is committed."""
         node = self.tree.inodes.get(ino)
-        if node is not None and node.nlink > 0 and self.is_buffered(ino):
+        if node is not None and node.nlink > 0 and self.buffer.is_buffered(ino):
             await self.sync(ino)
 
     def free_ops(self, node: Inode, names_lost: int) -> list[dict]:
@@ -746,9 +669,7 @@ class Volume:
 
     def forget(self, node: Inode) -> None:
         """Drop what memory and the replicas still hold of an inode whose free committed."""
-        for table in (self.dirty, self.inflight, self.pending_size, self.pending_mtime,
-                      self.pending_atime):
-            table.pop(node.ino, None)
+        self.buffer.forget(node.ino)
         self.reader.cache.drop(node.ino)
         if node.is_reg:
             self._reclaim(lambda r: r.remove_data(node.ino))

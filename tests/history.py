@@ -282,7 +282,7 @@ class History:
         out = {}
         for path, node in volume.tree.walk():
             if stat.S_ISREG(node.mode):
-                out[path] = await volume.read(node.ino, 0, volume.size_of(node))
+                out[path] = await volume.read(node.ino, 0, volume.buffer.size_of(node))
         return out
 
     def close_volume(self, clean: bool) -> None:

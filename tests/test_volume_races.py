@@ -227,7 +227,7 @@ async def test_a_bulk_write_goes_on_while_its_commit_is_in_flight(tmp_path):
                 await volume.write(node.ino, offset, data[offset:offset + chunk])
                 await trio.sleep(0)  # each WRITE is a request task of its own
                 offset += chunk
-        assert volume.inflight.get(node.ino), "no commit was started in the background"
+        assert volume.buffer.inflight.get(node.ino), "no commit was started in the background"
         assert volume.tree.seq == volume.committed and not hold.is_set()
         blocked = trio.Event()
 
