@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import MOUNT, REPO, force_unmount, is_mounted, lnmirror
+from conftest import LNMIRROR, MOUNT, REPO, force_unmount, is_mounted, lnmirror
 from lnmirrorfs import codec
 from lnmirrorfs.cli import lnmirror_parser, mount_parser
 
@@ -128,3 +128,13 @@ def test_daemonized_mount_refusal_exits_like_foreground(volume, tmp_path):
         assert len(proc.stderr.splitlines()) == 1 and "wrong key" in proc.stderr, proc.stderr
         codes.append(proc.returncode)
     assert codes == [2, 2]
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(make_vol):
+    """`lnmirror status | head -1`: the reader closes the pipe before the output comes."""
+    v = make_vol()
+    proc = subprocess.Popen([*LNMIRROR, "status", *v.replica_args()], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()  # before the command has started up and printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err

@@ -160,6 +160,9 @@ def run(main, argv: list[str] | None, prog: str) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lnmirror status | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 # ---------------------------------------------------------------- daemon lock
