@@ -32,9 +32,9 @@ class SlotFiles:
         self.unsynced: set[format.DataFile] = set()  # written without a sync since the last one
 
     def fd(self, data_file: format.DataFile, create: bool) -> tuple[int | None, bool]:
-        """An open fd for a slot file (cached); returns (fd, created).  It stays open until
-        the caller's `_trim`: a write of more files than the cache holds must not have a
-        descriptor it is about to sync closed (and its number reused) under it."""
+        """An open fd for a slot file (cached); returns (fd, created).  Good until the next
+        call: opening another file may close the least recently used one, so no caller
+        keeps a descriptor across calls (its number may be another file's by then)."""
         fd = self._fds.get(data_file)
         if fd is not None:
             self._fds.move_to_end(data_file)
@@ -49,12 +49,9 @@ class SlotFiles:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             created = True
         self._fds[data_file] = fd
-        return fd, created
-
-    def _trim(self) -> None:
-        """Close the least recently used descriptors past the cache's size."""
-        while len(self._fds) > _MAX_OPEN_FILES:
+        if len(self._fds) > _MAX_OPEN_FILES:
             os.close(self._fds.popitem(last=False)[1])
+        return fd, created
 
     def detach(self) -> list[int]:
         """Forget every open descriptor and hand them over (the caller closes them: on a
@@ -63,21 +60,14 @@ class SlotFiles:
         self._fds.clear()
         return fds
 
-    def write(self, slots: list[format.SlotWrite], sync: bool,
-              abandoned: Callable[[], bool] = lambda: False) -> None:
+    def write(self, slots: list[format.SlotWrite], sync: bool, abandoned: Callable[[], bool]) -> None:
         """Write slots (file id, block, slot, buffers) in runs.  With `sync`, make them and
         new names durable; without, the files are remembered for the next sync_unsynced
         (the caller has the same bytes durable elsewhere: the log).  `abandoned` says the
         calling thread hung and was replaced: it stops before its next run."""
         if not os.path.isdir(self.path):
             raise OSError(errno.ENOENT, "replica directory vanished")
-        try:
-            self._write(slots, sync, abandoned)
-        finally:
-            self._trim()
-
-    def _write(self, slots: list[format.SlotWrite], sync: bool, abandoned: Callable[[], bool]) -> None:
-        touched: dict[format.DataFile, int] = {}
+        touched: set[format.DataFile] = set()
         created = False
         layout = self.layout
         for file_id, slot, first, run in _write_runs(slots, layout.group):
@@ -93,14 +83,11 @@ class SlotFiles:
                 bodies += body
             pwrite_all(fd, heads, layout.head_offset(first))
             pwrite_all(fd, bodies, layout.body_offset(first))
-            touched[file_id, slot] = fd
+            touched.add((file_id, slot))
         if not sync:
             self.unsynced.update(touched)
             return
-        for fd in touched.values():
-            os.fdatasync(fd)
-        if created:
-            fsync_dir(self.path)
+        self._sync(touched, names=created)
 
     def read(self, wanted: list[SlotKey], in_memory: Callable[[SlotKey], bytes | None]) -> list[bytes]:
         """Raw slots (file id, block, slot); a missing file or slot reads as b''.  A slot
@@ -123,19 +110,23 @@ class SlotFiles:
             else:
                 out.extend(_read_run(fd, self.layout, block, count))
             pos += count
-        self._trim()
         return out
 
     def sync_unsynced(self) -> None:
         """Make every file written without sync durable (before a snapshot drops the log)."""
-        for data_file in sorted(self.unsynced):
+        self._sync(self.unsynced, names=bool(self.unsynced))
+        self.unsynced.clear()
+
+    def _sync(self, data_files: set[format.DataFile], names: bool) -> None:
+        """fdatasync each file (looked up anew: a write of more files than the cache holds
+        closed the first ones meanwhile, and a descriptor kept from then could name another
+        file now), then the directory if `names` changed."""
+        for data_file in sorted(data_files):
             fd, _ = self.fd(data_file, create=False)
             if fd is not None:
                 os.fdatasync(fd)
-            self._trim()
-        if self.unsynced:
+        if names:
             fsync_dir(self.path)
-        self.unsynced.clear()
 
     def sync_files(self, data_files: set[format.DataFile]) -> None:
         """The same for files handed over to another thread (a background snapshot's
@@ -157,7 +148,6 @@ class SlotFiles:
             fd, _ = self.fd((file_id, slot), create=False)
             if fd is not None:
                 os.ftruncate(fd, self.layout.file_length(blocks))
-        self._trim()
 
     def rename_deleted(self, file_id: int) -> list[str]:
         """Close a freed file's slot files and rename them to `.deleted` (fast); returns the
@@ -191,7 +181,6 @@ class SlotFiles:
         has a body on (its head's generation is higher).  False if the filesystem cannot."""
         file_id, slot, offset, length, blocks = run
         fd, _ = self.fd((file_id, slot), create=False)
-        self._trim()  # the least recently used: not this one
         if fd is None:
             return True  # freed since
         layout = self.layout
