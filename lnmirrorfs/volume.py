@@ -324,9 +324,12 @@ class Volume:
         holders = self._holders(record)
         targets = [r for r in self.online if r not in holders]
         seq = record.head.seq
+        sizes = {r: len(record.records[r.index]) + (0 if record.inline else sum(
+            len(part) for slot in record.slots[r.index] for part in slot[3])) for r in targets}
+        await self.replica_set.wait_backlog(targets, self.options.dirty_bytes)
         await self.replica_set.run_jobs(
             [(r, partial(r.commit, record.slots[r.index], record.records[r.index], record.inline,
-                         seq)) for r in targets], min(need, len(targets)))
+                         seq)) for r in targets], min(need, len(targets)), sizes)
 
     async def _ride_through(self, record: PendingRecord) -> None:
         """Fewer than W replicas hold the record: wait for faulted ones to come back, catch
@@ -533,6 +536,7 @@ class Volume:
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         if self.suspended:  # nothing buffered now could be committed: memory stays bounded
             raise fail(errno.EIO, self.suspended)
+        await self._make_room(ino, len(data))
         node = self.tree.inodes[ino]
         bs = self.block_size
         pos = 0
@@ -546,11 +550,20 @@ class Volume:
                 buf[lo:lo + take] = data[pos:pos + take]
             pos += take
         self.buffer.wrote(node, offset + len(data))
-        if self.buffer.held_blocks() * bs > self.options.dirty_bytes:
-            await self.sync(ino)
-        elif self.buffer.dirty_blocks(ino) * bs >= self.options.dirty_bytes // 2:
+        if self.buffer.dirty_blocks(ino) * bs >= self.options.dirty_bytes // 2:
             self._flush_in_background(ino)
         return len(data)
+
+    async def _make_room(self, ino: int, length: int) -> None:
+        """Wait, committing, until `length` more bytes fit under dirty_bytes with what is
+        buffered and in flight.  Checked before buffering: the kernel has several WRITEs
+        of up to 1 MiB out at once, and when each was buffered first and checked after,
+        all of them were in memory by the time the first had waited (commits of 16 MB
+        under an 8 MiB bound)."""
+        bs = self.block_size
+        while self.buffer.held_blocks() and \
+                self.buffer.held_blocks() * bs + length > self.options.dirty_bytes:
+            await self.sync(ino if self.buffer.dirty_blocks(ino) else None)
 
     def _flush_in_background(self, ino: int) -> None:
         """Half the bound is buffered for one inode: commit it in a task of its own, so the

@@ -19,6 +19,10 @@ class Worker:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._submitted: collections.deque[float] = collections.deque()  # times of unfinished jobs
+        # Bytes the unfinished jobs hold, as two totals each only one thread adds to (the
+        # submitter's, the worker's), so that neither needs a lock.
+        self._bytes_submitted = 0
+        self._bytes_done = 0
         self.stopping = False  # stop() was called: jobs submitted now would never run
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -27,6 +31,10 @@ class Worker:
     def pending(self) -> int:
         return len(self._submitted)
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes_submitted - self._bytes_done
+
     def oldest_pending(self) -> float | None:
         """time.monotonic() of the oldest job not finished yet (None when idle)."""
         try:
@@ -34,9 +42,12 @@ class Worker:
         except IndexError:
             return None
 
-    def submit(self, job: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
+    def submit(self, job: Callable[[], object], done: Callable[[object, BaseException | None], None],
+               size: int = 0) -> None:
+        """Queue a job holding `size` bytes (a record and its shares) until it is done."""
         self._submitted.append(time.monotonic())
-        self._jobs.put((job, done))
+        self._bytes_submitted += size
+        self._jobs.put((job, done, size))
 
     @property
     def thread(self) -> threading.Thread:
@@ -50,7 +61,7 @@ class Worker:
         """Finish the queued jobs (replicas past quorum may still be writing), then end;
         False if a job still hangs after `timeout` (the thread is left behind)."""
         self.stopping = True
-        self._jobs.put((None, None))
+        self._jobs.put((None, None, 0))
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -61,7 +72,7 @@ class Worker:
     def _run_next(self) -> bool:
         """Run one job.  A function of its own so the job (a commit's sealed blocks) is
         dropped as soon as it is done, not kept alive until the next job arrives."""
-        job, done = self._jobs.get()
+        job, done, size = self._jobs.get()
         if job is None:
             return False
         try:
@@ -69,6 +80,7 @@ class Worker:
         except BaseException as exc:  # handed to the caller, who decides
             result, error = None, exc
         self._submitted.popleft()
+        self._bytes_done += size
         done(result, error)
         return True
 

@@ -197,8 +197,8 @@ class FaultFSMount:
 def is_mounted(path: Path) -> bool:
     """From /proc/mounts: `mountpoint` cannot stat a mount whose daemon died."""
     target = os.path.realpath(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    with open("/proc/mounts") as f:  # which writes a space as \040
+        return any(line.split()[1].replace("\\040", " ") == target for line in f)
 
 
 def force_unmount(path: Path) -> None:

@@ -6,8 +6,9 @@ Everything passes through to BACKING, and faultfs remembers, per file, what each
 overwrote until the file is fsynced.  Send signals to change its behaviour:
 
     SIGUSR1  reread SPEC_FILE (JSON): {"errno_write": 5, "errno_fsync": 5, "errno_read": 5,
-             "stall": true, "ignore_fsync": true}; missing keys mean "no fault".  Clearing
-             "stall" releases the calls that hang.
+             "stall": true, "ignore_fsync": true, "write_delay": 0.01}; missing keys mean
+             "no fault".  Clearing "stall" releases the calls that hang; "write_delay" makes
+             each write take that many seconds more (a slow USB stick).
     SIGUSR2  power cut: undo every write that was not fsynced (newest first), keeping a
              random prefix of the last one written to each file (a torn write), as a disk
              cache that lost power would.  Then carry on serving.
@@ -232,6 +233,7 @@ class FaultFS(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         await self._gate("write")
+        await trio.sleep(self.spec.get("write_delay", 0))
         _, path = self.fds[fh]
         self._remember(path, fh, off, len(buf))
         return os.pwrite(fh, buf, off)

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -59,6 +60,28 @@ def test_write_side_faults_degrade_and_heal(faulty_volume, fault):
     out = v.root / "out"
     v.restore(out, replicas=[v.replicas[2], v.replicas[0]])
     assert workload.check_db(str(out)) == 25
+
+
+def test_a_slow_replica_slows_a_bulk_write_instead_of_queuing_it(faulty_volume):
+    """W=2 of 3: records are acknowledged without the slow replica, which is left to write
+    them in the background, each holding its shares until written.  Past dirty_bytes of
+    them queued the writer waits for it, so the daemon's memory stays bounded however slow
+    a replica is (without that wait this write queued some 60 MB for it)."""
+    v, fs = faulty_volume
+    m = v.mount("--deadline", "60")  # slow is not hung: it must stay ONLINE throughout
+    fs.set(write_delay=0.01)  # each write of at most 128 KiB: under 13 MB/s
+    writer = threading.Thread(target=lambda: (m.path / "bulk").write_bytes(os.urandom(96 << 20)))
+    writer.start()
+    queued = []
+    while writer.is_alive():
+        queued.append(json.loads(m.status("--json").stdout)["replicas"][2]["queue_bytes"])
+        time.sleep(0.1)
+    writer.join()
+    fs.set()
+    assert max(queued) > 0, "the replica never lagged: this run shows nothing"
+    assert max(queued) <= 2 * (8 << 20), max(queued)  # dirty_bytes, plus the commit in hand
+    assert states(m) == ["ONLINE"] * 3
+    assert m.unmount() == 0
 
 
 def test_read_errors_are_served_elsewhere(faulty_volume):

@@ -10,6 +10,8 @@ import socket
 import stat
 import subprocess
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -235,3 +237,20 @@ def test_open_o_trunc_truncates_existing_file(volume, mounted):
     assert path.read_bytes() == b"short"
     m = remount(volume, mounted)
     assert (m.path / "config").read_bytes() == b"short"
+
+
+def test_mount_reads_ahead_a_mebibyte(volume):
+    """The daemon widens the mount's read-ahead (1 MiB READs for sequential reads), found
+    by its mount point in mountinfo, escaped there: this one has a space in it."""
+    from lnmirrorfs.daemon import READAHEAD_KB
+
+    m = volume.mount(name="mount point")
+    try:
+        device = os.stat(m.path).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        deadline = time.monotonic() + 10  # a thread of the daemon sets it once serving
+        while int(bdi.read_text()) != READAHEAD_KB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert int(bdi.read_text()) == READAHEAD_KB
+    finally:
+        assert m.unmount() == 0, m.output()
