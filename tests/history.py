@@ -121,6 +121,7 @@ class History:
         self.copies: dict[int, Path] = {}          # old copies kept to be swapped in
         self.holder = [True] * self.n              # holds every acknowledged record
         self.data_damage: dict[int, int] = {}      # replica -> data slots flipped (scrub clears)
+        self.flipped: set[int] = set()  # replicas whose log or snapshot was flipped
         self.states: set[State] = {freeze({}, self.w)}  # what may be served
         self.volume: Volume | None = None
         self.writable = False
@@ -242,7 +243,7 @@ class History:
         try:
             served = freeze(trio.run(self.read_all), volume.tree.quorum)
         except OSError as exc:
-            if not self.data_damage:
+            if not self.reads_may_fail():
                 self.fail(f"read of the served state failed: {exc}")
             self.close_volume(clean=False)
             return
@@ -261,6 +262,15 @@ class History:
                           f"{volume.choice.doubt}")
         elif provable and served not in self.states:
             self.fail(f"served {show(served)} but only {show(self.states)} may be served")
+
+    def reads_may_fail(self) -> bool:
+        """Is EIO fair for some file of what an open serves?  Yes with flipped data slots,
+        and with a replica here that lost records to a flipped log or snapshot and was not
+        proven current since: what it serves may be older than records it applied before
+        the flip, such as a free of a file that state still has, whose data is gone from
+        it (seed 217957919)."""
+        return bool(self.data_damage) or any(i not in self.away and not self.holder[i]
+                                             for i in self.flipped)
 
     def refused(self, message: str, writable: bool, provable: bool) -> None:
         self.note(f"refused: {message[:120]}")
@@ -573,6 +583,7 @@ class History:
             self.data_damage[index] = self.data_damage.get(index, 0) + 1
         else:
             self.holder[index] = False
+            self.flipped.add(index)
         self.note(f"flip {where} of r{index}")
         self.fault(f"flip {where}")
 
@@ -655,7 +666,7 @@ class History:
         self.wanted_quorum = None
         self.open_seq = volume.tree.seq
         served = (freeze(trio.run(self.read_all), volume.tree.quorum)
-                  if not self.data_damage else None)
+                  if not self.reads_may_fail() else None)
         if served is not None and provable and not volume.choice.doubt and served not in self.states:
             self.fail(f"scrub served {show(served)} but only {show(self.states)} may be served")
         report = trio.run(scrub.scrub, volume)
@@ -671,7 +682,7 @@ class History:
         try:
             return trio.run(self.read_all)
         except OSError as exc:
-            if not self.data_damage:
+            if not self.reads_may_fail():
                 self.fail(f"read failed without damaged data: {exc}")
             raise DataLost(str(exc)) from None
 

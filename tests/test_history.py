@@ -26,6 +26,8 @@ FOUND = [
     (901465, 60, 4096, "a read-only open read only the source, whose copy of an older block had "
                        "rotted, not the two replicas one unacknowledged record behind"),
     (900068, 60, 4096, "that fallback took a STALE replica's bad k=1 share for the block (None)"),
+    (217957919, 30, 512, "the oracle: a flipped log rolled the only replica back past a free it "
+                         "had applied, and a read-only open's EIO for that file is fair"),
 ]
 
 
