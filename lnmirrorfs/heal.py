@@ -190,7 +190,7 @@ async def catch_up(volume: Volume, lagging: dict[Replica, tuple[int, Loaded]]) -
             _not_caught_up(r, "; ".join(report.unrepairable[:1] or ["a write failed"]))
         else:
             ready.append(r)
-    sealed = volume.seal_snapshot()
+    sealed = volume.snapshots.seal(volume.committed)
     done = await volume.replica_set.run_jobs(
         [(r, partial(install_snapshot, volume, r, sealed)) for r in ready], len(ready))
     for r in ready:
@@ -278,4 +278,4 @@ def install_snapshot(volume: Volume, r: Replica, sealed: bytes) -> None:
     r.rejoin(volume.tree.seq)
     # A background snapshot it was writing when it faulted is moot now; its threads may
     # have been replaced with it, so it would never say so: the next one may start.
-    volume.snapshotting.discard(r)
+    volume.snapshots.writing.discard(r)

@@ -175,7 +175,7 @@ async def _heal_lagging_replicas(volume: Volume, targets: list[Replica], start_s
         report.unrepairable += [f"{r.path}: not healed, its log is kept: some blocks could not "
                                 f"be rebuilt" for r in lagging]
         return
-    sealed = volume.seal_snapshot()
+    sealed = volume.snapshots.seal(volume.committed)
     done = await volume.replica_set.run_jobs(
         [(r, partial(install_snapshot, volume, r, sealed)) for r in lagging], len(lagging))
     for r in lagging:
@@ -204,7 +204,7 @@ async def _check_metadata(volume: Volume, targets: list[Replica], report: Report
             continue
         report.metadata_repaired.append(r.path)
         if not dry_run:
-            sealed = sealed or volume.seal_snapshot()
+            sealed = sealed or volume.snapshots.seal(volume.committed)
             await volume.replica_set.run_jobs(
                 [(r, partial(r.write_snapshot, volume.keys, volume.tree, sealed))], 1)
 

@@ -39,20 +39,15 @@ from .replica import (
     STALE,
     Counters,
     Replica,
-    seal_snapshot,
 )
 from .replicaset import ReplicaSet
-from .stale import stale_pages
+from .snapshots import Snapshots
 from .tree import Inode, Tree, encode_ops
-from .worker import Once
 from .writebuffer import Plan, WriteBuffer
 
 log = logging.getLogger("lnmirrorfs.volume")
 NAME_MAX = 255
 INLINE_BLOCKS = 64  # commits of up to this many blocks write their data into the log too
-# Blocks overwritten since the last snapshot that trigger the next one (a big file rewritten
-# grows the log little): bounds the set (~160 B a block) and the stale slot bodies kept.
-SNAPSHOT_REWRITTEN_BLOCKS = 32768
 RETRY_SECONDS = 1.0  # how often a change that waits for W replicas looks for returning ones
 
 
@@ -72,6 +67,7 @@ class Options:
     # commits large.
     dirty_bytes: int = 8 << 20
     snapshot_log_bytes: int = 16 << 20  # log size that triggers a snapshot
+    inline_blocks: int = INLINE_BLOCKS  # (the random histories lower it to reach bulk commits)
     # How long a change waits for W replicas before it fails with EIO.  Five minutes
     # covers a NAS or router reboot; lightningd just sees a slow fsync meanwhile (its
     # peers may disconnect and reconnect; HTLC deadlines are hours of blocks away).
@@ -122,9 +118,8 @@ class Volume:
         self.buffer = WriteBuffer()
         self.refs: dict[int, int] = {}           # kernel lookup counts (FUSE forget protocol)
         self.unused: set[int] = set()            # orphans the kernel forgot: free next record
-        self.log_bytes = 0
-        self.snapshotting: set[Replica] = set()  # replicas writing a background snapshot
-        self.rewritten: set[tuple[int, int]] = set()  # (ino, block) overwritten since the last snapshot
+        self.snapshots = Snapshots(self.replica_set, keys, self.volume_id, tree, self.layout,
+                                   options.snapshot_log_bytes)
         # fsync/fsyncdir count only calls that returned success, i.e. waited for W replicas
         self.stats = {"commits": 0, "fsync": 0, "fsyncdir": 0}
         self.reader = BlockReader(self.replica_set, keys, self.volume_id, tree, self.k, self.n,
@@ -195,7 +190,7 @@ class Volume:
                     r.overlay = view.loaded.redo
             if r.state != ONLINE:
                 continue
-            self.log_bytes = max(self.log_bytes, view.loaded.log_end)
+            self.snapshots.log_bytes = max(self.snapshots.log_bytes, view.loaded.log_end)
             if not self.writable:
                 continue
             try:
@@ -268,7 +263,8 @@ class Volume:
         retimed = [i for i in inos if self.buffer.retimed(i)]
         plan: Plan = []
         write_ops = [self.buffer.retime_op(ino) for ino in retimed]
-        write_ops += [self.buffer.take(self.tree.inodes[ino], plan, self.rewritten)
+        write_ops += [self.buffer.take(self.tree.inodes[ino], plan,
+                                       self.snapshots.rewritten)
                       for ino in inos if self.buffer.dirty.get(ino)]
         slots = await self._encode(seq, plan)
         ops = (self.members.ops(self.choice.serve if self.choice else None)
@@ -299,7 +295,7 @@ class Volume:
         sealed = codec.seal_record(self.keys, self.volume_id, format.LOG_KIND, head.context(),
                                    encode_ops(ops))
         # Small commits carry their shares in the log record: one fdatasync per replica.
-        inline = len(slots[0]) <= INLINE_BLOCKS
+        inline = len(slots[0]) <= self.options.inline_blocks
         record = PendingRecord(head, ops, slots, inline, inos, list(freed), [
             format.pack_record(head, sealed, b"".join(part for s in mine for part in s[3]) if inline else b"")
             for mine in slots])
@@ -401,10 +397,7 @@ class Volume:
         self._settle_inflight(record.inos, cache_all=record.inline)
         for node in record.freed:
             self.forget(node)
-        self.log_bytes += len(record.records[0])
-        if (self.log_bytes > self.options.snapshot_log_bytes
-                or len(self.rewritten) > SNAPSHOT_REWRITTEN_BLOCKS):
-            self._snapshot_in_background()
+        self.snapshots.recorded(len(record.records[0]), self.committed)
 
     def _acknowledged(self, seq: int) -> None:
         self.committed = seq
@@ -416,7 +409,7 @@ class Volume:
         slots.  A big commit is encoded in a thread (libsodium, zfec and BLAKE2b release
         the GIL), so the event loop goes on buffering the writes that follow; it is
         shielded, being short and bounded, so a cancellation never strands blocks in flight."""
-        if len(plan) <= INLINE_BLOCKS:
+        if len(plan) <= self.options.inline_blocks:
             return self._encode_plan(seq, plan)
         with trio.CancelScope(shield=True):
             return await trio.to_thread.run_sync(self._encode_plan, seq, plan)
@@ -450,56 +443,10 @@ class Volume:
                 else:  # the version cached before this commit must not be served again
                     self.reader.cache.discard(ino, index)
 
-    def seal_snapshot(self) -> bytes:
-        """The current tree, sealed, with the highest record known acknowledged: a snapshot
-        may hold records not yet acknowledged (a catch-up at open), so its own record
-        number proves nothing."""
-        self.tree.commit = max(self.tree.commit, self.committed)
-        return seal_snapshot(self.keys, self.volume_id, self.tree)
-
-    def _snapshot_in_background(self) -> None:
-        """Snapshot the current record without holding up the commits after it: only the
-        tree's copy is made here; the dump, the seal and the writes run in the replicas'
-        threads (Replica.snapshot_in_background), and the log keeps growing meanwhile."""
-        if self.snapshotting & set(self.online):
-            return  # the last one is still being written: try again after the next record
-        self.log_bytes = 0
-        self.tree.commit = max(self.tree.commit, self.committed)
-        frozen = self.tree.copy()
-        sealed = Once(partial(seal_snapshot, self.keys, self.volume_id, frozen))
-        stale = self._take_stale(frozen)
-        for r in self.online:
-            self.snapshotting.add(r)
-            r.snapshot_in_background(frozen.seq, frozen.term, sealed,
-                                     partial(self._snapshot_written, r), stale)
-
-    def _take_stale(self, tree: Tree) -> Once[list[format.StalePages]]:
-        """The pages the snapshot of `tree` lets each replica free, found by the first
-        replica thread that asks (`tree` does not change until all have: a frozen copy, or
-        the volume's own under the volume lock).  A replica that misses this snapshot
-        keeps them (until the blocks' next versions reuse them)."""
-        stale = Once(partial(stale_pages, tree, self.rewritten,
-                             self.layout))
-        self.rewritten = set()
-        return stale
-
-    def _snapshot_written(self, r: Replica, error: BaseException | None) -> None:
-        """In the replica's thread: its part is done.  A failure faults it (the next
-        run_jobs reports it; bring_back catches it up from what its disk holds)."""
-        self.snapshotting.discard(r)
-        if error is not None and r.state == ONLINE:
-            log.warning("replica %s faulted: snapshot failed: %s", r.path, error)
-            r.mark(FAULTED, f"snapshot failed: {error}")
-
     async def snapshot(self) -> None:
         """Write the whole tree to every online replica and empty their logs (unmount,
         import): the caller holds the volume lock and waits for it."""
-        sealed = self.seal_snapshot()
-        targets = self.online
-        stale = self._take_stale(self.tree)
-        await self.replica_set.run_jobs([(r, partial(r.write_snapshot, self.keys, self.tree, sealed,
-                                                     stale)) for r in targets], len(targets))
-        self.log_bytes = 0
+        await self.snapshots.write(self.committed)
 
     # ---- file data ----
 

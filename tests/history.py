@@ -42,7 +42,7 @@ from lnmirrorfs.namespace import Namespace
 from lnmirrorfs.replica import ONLINE, Replica, ReplicaError
 from lnmirrorfs.slotfiles import DELETED_SUFFIX
 from lnmirrorfs.tree import HOLE, Tree, entry_gen, entry_slot
-from lnmirrorfs.volume import Options, Volume, VolumeError
+from lnmirrorfs.volume import INLINE_BLOCKS, Options, Volume, VolumeError
 
 # A change that misses W fails at once (the mount's ride-through is tested on real mounts).
 # Snapshots are taken in the background every few records (the mount: every 16 MiB of log).
@@ -55,6 +55,24 @@ BLOCK_SIZES = (512, 4096)  # 512: many blocks per file; 4096: a body per page, p
 # slots the replica's own older state used: the README's known limits say so.
 CATCH_UP_FAILED = "could not be caught up"
 LATE_SECONDS = 0.02  # a slow replica's part of a commit waits at most this for the others
+
+
+# Per replica directory: the slots (file name, block, generation) that write_slots wrote
+# and synced (a bulk commit's data, before its record; a heal's), which a power cut keeps.
+_SYNCED_SLOTS: dict[str, set[tuple[str, int, int]]] = {}
+
+
+def _tracked(write_slots):
+    def write_slots_tracked(self: Replica, slots: list) -> None:
+        write_slots(self, slots)
+        synced = _SYNCED_SLOTS.setdefault(self.path, set())
+        for file_id, block, slot, buffers in slots:
+            synced.add((format.data_name(file_id, slot), block,
+                        format.unpack_slot(bytes(buffers[0]))[0]))
+    return write_slots_tracked
+
+
+Replica.write_slots = _tracked(Replica.write_slots)  # a fate's crash replaces it per replica
 
 
 class Violation(AssertionError):
@@ -104,11 +122,17 @@ class Stats:
 
 
 class History:
-    def __init__(self, seed: int, root: Path, block_size: int | None = None) -> None:
+    def __init__(self, seed: int, root: Path, block_size: int | None = None,
+                 inline_blocks: int | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         # drawn apart, so a seed's history with 512-byte blocks is what it always was
         self.block = block_size or random.Random(f"block size {seed}").choice(BLOCK_SIZES)
+        # A write here is at most 3 blocks: with the mount's INLINE_BLOCKS every commit
+        # would carry its data in the log, and a commit that writes its slots first, then
+        # the record (a bulk write), would never be cut by a crash.
+        self.options = dict(OPTIONS, inline_blocks=inline_blocks or random.Random(
+            f"inline blocks {seed}").choice([INLINE_BLOCKS, 1]))
         self.cipher = random.Random(f"cipher {seed}").choice(list(codec.CIPHERS.values()))
         self.root = root
         self.n = self.rng.choice([2, 2, 3, 3])
@@ -117,6 +141,8 @@ class History:
         self.w_unconfirmed: int | None = None
         self.master = codec.new_master_key()
         self.paths = [root / f"r{i}" for i in range(self.n)]
+        for path in self.paths:
+            _SYNCED_SLOTS.pop(str(path), None)
         self.away: dict[int, Path] = {}            # vanished replicas: where they are now
         self.copies: dict[int, Path] = {}          # old copies kept to be swapped in
         self.holder = [True] * self.n              # holds every acknowledged record
@@ -231,7 +257,7 @@ class History:
         provable = self.provable()
         try:
             volume = Volume.open([str(p) for p in self.paths], self.master,
-                                 Options(quorum=quorum, **OPTIONS), writable=writable)
+                                 Options(quorum=quorum, **self.options), writable=writable)
         except VolumeError as exc:
             self.stats.refused += 1
             self.refused(str(exc), writable, provable)
@@ -507,7 +533,7 @@ class History:
     def settle(self) -> None:
         """Wait until every replica worker finished what it was given (the commit returned
         at W answers; the others' outcome must be known before the next step)."""
-        while self.volume.snapshotting or any(r.worker and r.worker.pending
+        while self.volume.snapshots.writing or any(r.worker and r.worker.pending
                                               for r in self.volume.replicas):
             time.sleep(0.0005)
         self.volume.replica_set.report_changes()
@@ -601,7 +627,8 @@ class History:
         data = path / "data"
         if not data.is_dir():
             return
-        created = self._data_files(index) - self.synced.get(index, (0, set()))[1]
+        created = (self._data_files(index) - self.synced.get(index, (0, set()))[1]
+                   - {name for name, _, _ in _SYNCED_SLOTS.get(str(path), ())})
         for name in sorted(created):
             if self.rng.random() < 0.5:
                 (data / name).unlink(missing_ok=True)
@@ -622,10 +649,12 @@ class History:
     def _unsynced(self, index: int, name: str, block: int) -> bool:
         """Was this block's slot in this slot file written by a record of the open just
         killed (inline, not synced)?  A snapshot the replica wrote since (a catch-up's, a
-        scrub's) synced it first."""
+        scrub's) synced it first, and write_slots syncs what it writes."""
         raw = (self.paths[index] / "data" / name).read_bytes()
         offset = format.SlotLayout.of(self.block, self.k, self.cipher.overhead).head_offset(block)
         gen = format.unpack_slot(raw[offset:offset + format.SLOT_HEAD_SIZE])[0]
+        if (name, block, gen) in _SYNCED_SLOTS.get(str(self.paths[index]), ()):
+            return False
         return gen > self.synced.get(index, (self.open_seq,))[0]
 
     def note_syncs(self) -> None:
@@ -658,7 +687,7 @@ class History:
         self.note("scrub")
         provable = self.provable()
         try:
-            volume = Volume.open([str(p) for p in self.paths], self.master, Options(**OPTIONS))
+            volume = Volume.open([str(p) for p in self.paths], self.master, Options(**self.options))
         except VolumeError as exc:
             self.refused(str(exc), True, provable)
             return
@@ -695,7 +724,7 @@ class History:
         provable = self.provable()
         others = [str(p) for i, p in enumerate(self.paths) if i not in self.away]
         try:
-            volume = Volume.open(others, self.master, Options(**OPTIONS))
+            volume = Volume.open(others, self.master, Options(**self.options))
         except VolumeError as exc:
             self.refused(str(exc), True, provable)
             return
@@ -723,7 +752,7 @@ class History:
             return
         try:
             volume = Volume.open([str(p) for p in self.paths], self.master,
-                                 Options(**OPTIONS), writable=False)
+                                 Options(**self.options), writable=False)
         except VolumeError as exc:
             self.refused(str(exc), False, True)
             return
@@ -787,13 +816,14 @@ def _torn_append(r: Replica, where: float):
     return append
 
 
-def run_histories(seeds: range, root: Path, steps: int, block_size: int | None = None) -> Stats:
+def run_histories(seeds: range, root: Path, steps: int, block_size: int | None = None,
+                  inline_blocks: int | None = None) -> Stats:
     total = Stats(histories=0)
     for seed in seeds:
         where = root / f"h{seed}"
         where.mkdir()
         try:
-            total.add(History(seed, where, block_size).run(steps))
+            total.add(History(seed, where, block_size, inline_blocks).run(steps))
         finally:
             shutil.rmtree(where, ignore_errors=True)
     return total

@@ -16,6 +16,7 @@ import pytest
 from history import run_histories
 
 from conftest import slow_enabled
+from lnmirrorfs.volume import INLINE_BLOCKS
 
 DEFAULT_HISTORIES = 1000
 # Histories that once found a bug, kept so it stays found: (seed, steps, block size, what it was).
@@ -54,7 +55,8 @@ def test_random_histories():
 
 @pytest.mark.parametrize("seed, steps, block_size, found", FOUND, ids=[str(f[0]) for f in FOUND])
 def test_histories_that_found_a_bug(seed: int, steps: int, block_size: int, found: str, tmp_path):
-    run_histories(range(seed, seed + 1), tmp_path, steps, block_size=block_size)  # as when found
+    run_histories(range(seed, seed + 1), tmp_path, steps, block_size=block_size,
+                  inline_blocks=INLINE_BLOCKS)  # as when found
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def allocated(replica: Path) -> int:
 
 async def until_snapshots_written(volume: Volume) -> None:
     with trio.fail_after(10):
-        while volume.snapshotting:
+        while volume.snapshots.writing:
             await trio.sleep(0.01)
 
 
@@ -84,7 +84,7 @@ async def test_a_stale_body_rewritten_while_the_snapshot_is_written_is_kept(tmp_
         r.housekeeper.submit(hold.wait, lambda result, error: None)
     await volume.write(node.ino, 0, b"B" * bs)  # slot 1; its snapshot finds slot 0 stale
     await volume.sync(node.ino)
-    assert volume.snapshotting
+    assert volume.snapshots.writing
     await volume.write(node.ino, 0, b"C" * bs * (INLINE_BLOCKS + 1))  # slot 0, before the punch
     await volume.sync(node.ino)
     hold.set()
