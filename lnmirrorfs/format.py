@@ -220,6 +220,11 @@ def split_slot(buffers: tuple[bytes, ...], head_size: int) -> tuple[list[memoryv
     return head, body
 
 
+def slot_generation(raw: bytes) -> int:
+    """unpack_slot's generation alone (no copy of the share)."""
+    return _SLOT_HEAD.unpack_from(raw)[0] if len(raw) >= SLOT_HEAD_SIZE else 0
+
+
 def unpack_slot(raw: bytes) -> tuple[int, bytes, bytes]:
     """Returns (generation, checksum, share); a short read yields generation 0."""
     if len(raw) < SLOT_HEAD_SIZE:
