@@ -448,7 +448,15 @@ class History:
             return
         if pending is not None:
             self.stats.resumed += 1
-        memory = trio.run(self.read_all)
+        try:
+            memory = trio.run(self.read_all)
+        except OSError:
+            if len(volume.online) >= self.k:
+                raise
+            # Fewer than k replicas left: a block not in memory cannot be read (after a bulk
+            # commit only each file's last block stays cached).  The node can do nothing.
+            self.close_volume(clean=False)
+            return
         try:
             trio.run(volume.sync)
         except OSError:
