@@ -508,9 +508,10 @@ class Volume:
         all of them were in memory by the time the first had waited (commits of 16 MB
         under an 8 MiB bound)."""
         bs = self.block_size
-        while self.buffer.held_blocks() and \
-                self.buffer.held_blocks() * bs + length > self.options.dirty_bytes:
+        while (held := self.buffer.held_blocks()) and held * bs + length > self.options.dirty_bytes:
             await self.sync(ino if self.buffer.dirty_blocks(ino) else None)
+            if self.buffer.held_blocks() >= held:
+                return  # nothing that a commit could take: buffer it, as a bound must not hang
 
     def _flush_in_background(self, ino: int) -> None:
         """Half the bound is buffered for one inode: commit it in a task of its own, so the
