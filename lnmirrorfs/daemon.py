@@ -124,6 +124,7 @@ async def _main(volume: Volume, control_path: str, mountpoint: str) -> None:
     async with volume.lock:
         await volume.start_term()  # before serving: the first change pays no extra record
     await volume.free_orphans()
+    memory.freeze_startup()
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, control_path, _control_handler(volume))
         nursery.start_soon(_periodically, WRITEBACK_SECONDS, _writeback(volume))

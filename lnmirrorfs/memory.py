@@ -1,4 +1,5 @@
-"""The mount daemon's heap: glibc malloc tuned for a long-running, threaded process.
+"""The mount daemon's heap: glibc malloc tuned for a long-running, threaded process, and
+the start-up's objects kept out of the garbage collector's way.
 
 glibc gives each thread that contends for the heap an arena of its own (up to 8 per core)
 and keeps freed memory in them. The daemon's replica and encoder threads allocate the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
@@ -44,3 +46,14 @@ def trim() -> None:
     """Give free heap pages back to the kernel (after a bulk write left them behind)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def freeze_startup() -> None:
+    """Take the objects alive once the mount is up (modules, classes, the tree as opened)
+    out of the cyclic garbage collector's scans.  Each full collection walked all ~30,000 of
+    them, 12-22 ms with the event loop stopped, about once a second during a bulk write
+    (its slot tuples set off collections); frozen, no collection of the same run took over
+    2 ms but the one here, once."""
+    gc.collect()
+    gc.freeze()
+
