@@ -19,16 +19,24 @@ from conftest import slow_enabled
 from lnmirrorfs.volume import INLINE_BLOCKS
 
 DEFAULT_HISTORIES = 1000
-# Histories that once found a bug, kept so it stays found: (seed, steps, block size, what it was).
+# Histories that once found a bug, kept so it stays found: (seed, steps, block size, the
+# bulk-commit threshold (Options.inline_blocks), what it was).
 FOUND = [
-    (5618, 30, 512, "a free ran on a replica whose part of the unlink failed late"),
-    (700395, 60, 512, "the power-cut model deleted files of a replica away at the open"),
-    (718035156, 30, 512, "scrub removed files of an unacknowledged unlink an older state still used"),
-    (901465, 60, 4096, "a read-only open read only the source, whose copy of an older block had "
-                       "rotted, not the two replicas one unacknowledged record behind"),
-    (900068, 60, 4096, "that fallback took a STALE replica's bad k=1 share for the block (None)"),
-    (217957919, 30, 512, "the oracle: a flipped log rolled the only replica back past a free it "
-                         "had applied, and a read-only open's EIO for that file is fair"),
+    (5618, 30, 512, INLINE_BLOCKS, "a free ran on a replica whose part of the unlink failed late"),
+    (700395, 60, 512, INLINE_BLOCKS, "the power-cut model deleted files of a replica away at the open"),
+    (718035156, 30, 512, INLINE_BLOCKS,
+     "scrub removed files of an unacknowledged unlink an older state still used"),
+    (901465, 60, 4096, INLINE_BLOCKS, "a read-only open read only the source, whose copy of an "
+                                      "older block had rotted, not the two replicas one "
+                                      "unacknowledged record behind"),
+    (900068, 60, 4096, INLINE_BLOCKS,
+     "that fallback took a STALE replica's bad k=1 share for the block (None)"),
+    (217957919, 30, 512, INLINE_BLOCKS, "the oracle: a flipped log rolled the only replica back "
+                                        "past a free it had applied, and a read-only open's EIO "
+                                        "for that file is fair"),
+    (3000136, 30, 4096, 1, "the power-cut model tore slots that write_slots had synced"),
+    (3001335, 30, 512, 1, "with fewer than k replicas left, bring back read blocks a bulk commit "
+                          "had not left cached"),
 ]
 
 
@@ -53,10 +61,12 @@ def test_random_histories():
     _run(DEFAULT_HISTORIES, 30)
 
 
-@pytest.mark.parametrize("seed, steps, block_size, found", FOUND, ids=[str(f[0]) for f in FOUND])
-def test_histories_that_found_a_bug(seed: int, steps: int, block_size: int, found: str, tmp_path):
+@pytest.mark.parametrize("seed, steps, block_size, inline_blocks, found", FOUND,
+                         ids=[str(f[0]) for f in FOUND])
+def test_histories_that_found_a_bug(seed: int, steps: int, block_size: int, inline_blocks: int,
+                                    found: str, tmp_path):
     run_histories(range(seed, seed + 1), tmp_path, steps, block_size=block_size,
-                  inline_blocks=INLINE_BLOCKS)  # as when found
+                  inline_blocks=inline_blocks)  # as when found
 
 
 @pytest.mark.slow
