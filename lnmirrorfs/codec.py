@@ -241,6 +241,7 @@ def _open(cipher: Cipher, key: bytes, sealed: Buffer, aad: bytes) -> bytes:
     return plaintext
 
 
+@lru_cache(maxsize=8)  # a volume's block and metadata keys: not one closure per decryption
 def _opener(cipher: Cipher, key: bytes) -> Callable[[Buffer, bytes], bytes | None]:
     """A function giving the plaintext of a sealed message (at least the cipher's overhead
     long: the caller checks that, and the key), or None if it does not authenticate; what
