@@ -22,6 +22,7 @@ have reached some replicas).  After every open it checks:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -62,17 +63,24 @@ LATE_SECONDS = 0.02  # a slow replica's part of a commit waits at most this for 
 _SYNCED_SLOTS: dict[str, set[tuple[str, int, int]]] = {}
 
 
-def _tracked(write_slots):
+@contextlib.contextmanager
+def _tracking_synced_slots():
+    """Replica.write_slots records what it synced in _SYNCED_SLOTS while the histories run
+    (a fate's crash still replaces it per replica)."""
+    write_slots = Replica.write_slots
+
     def write_slots_tracked(self: Replica, slots: list) -> None:
         write_slots(self, slots)
         synced = _SYNCED_SLOTS.setdefault(self.path, set())
         for file_id, block, slot, buffers in slots:
             synced.add((format.data_name(file_id, slot), block,
                         format.unpack_slot(bytes(buffers[0]))[0]))
-    return write_slots_tracked
-
-
-Replica.write_slots = _tracked(Replica.write_slots)  # a fate's crash replaces it per replica
+    Replica.write_slots = write_slots_tracked
+    try:
+        yield
+    finally:
+        Replica.write_slots = write_slots
+        _SYNCED_SLOTS.clear()
 
 
 class Violation(AssertionError):
@@ -827,11 +835,12 @@ def _torn_append(r: Replica, where: float):
 def run_histories(seeds: range, root: Path, steps: int, block_size: int | None = None,
                   inline_blocks: int | None = None) -> Stats:
     total = Stats(histories=0)
-    for seed in seeds:
-        where = root / f"h{seed}"
-        where.mkdir()
-        try:
-            total.add(History(seed, where, block_size, inline_blocks).run(steps))
-        finally:
-            shutil.rmtree(where, ignore_errors=True)
+    with _tracking_synced_slots():
+        for seed in seeds:
+            where = root / f"h{seed}"
+            where.mkdir()
+            try:
+                total.add(History(seed, where, block_size, inline_blocks).run(steps))
+            finally:
+                shutil.rmtree(where, ignore_errors=True)
     return total
